@@ -1,0 +1,32 @@
+"""Shared test setup: hypothesis profiles and paths to optional real data.
+
+HYPOTHESIS_PROFILE=ci (what `make test` sets) keeps property tests small and deadline-free on
+shared 2-core machines; `dev` explores more.
+"""
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", max_examples=200, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MINILIFE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """../shared/data when present; tests that need it skip cleanly otherwise."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not present at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _runs_in_tmp(tmp_path, monkeypatch):
+    """Chapters write under $MINILIFE_RUNS: point it at tmp_path so tests never touch the work tree."""
+    monkeypatch.setenv("MINILIFE_RUNS", str(tmp_path / "runs"))
