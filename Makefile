@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# The lifecycle so far: the curriculum (chapter 2 data), then pretraining on its shards.
 demo: $(STAMP)
-	$(PY) -m minilife.chapters.ch6_lifecycle
+	$(PY) -m minilife.chapters.ch2_data
+	$(PY) -m minilife.chapters.ch2_pretrain
 
 test: $(STAMP)
 	HYPOTHESIS_PROFILE=ci $(PY) -m pytest $(PYTEST_ARGS)
@@ -30,7 +32,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
-	$(PY) bench/run_all.py
+	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

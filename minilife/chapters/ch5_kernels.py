@@ -1,0 +1,401 @@
+"""Chapter 5.5: kernels -- Triton attention and cross-entropy against float64 math, and what they save.
+
+What it does (read ``main`` top to bottom)
+1. Parity: every tier of attention (naive, SDPA, flash attention in torch tiles, flash attention in
+   Triton) and of the loss (naive, ``F.cross_entropy``, Triton cross-entropy, linear + loss
+   materialised, fused linear + cross-entropy) runs forward and backward in float32 on the same
+   inputs; the table gives the max abs error of the output and of the gradients against the naive
+   formula evaluated in float64.
+2. Memory: peak memory of one forward + backward, naive vs tiled/fused, swept over the vocabulary V
+   (materialised logits vs the fused head + loss) and over the sequence length T (naive attention vs
+   torch-tiled flash attention). Plots ``memory_vs_vocab.png`` and ``attention_memory_vs_T.png``.
+3. Timings, only with a GPU: Triton kernels vs torch's fused ops (``bench_loss`` below and
+   ``minilife.kernels.flash_attention.bench_attention``); on a CPU they say "n/a".
+
+How memory is measured. On CUDA: ``torch.cuda.max_memory_allocated`` minus what was allocated before.
+On CPU torch keeps no allocator statistics, so ``peak_tensor_bytes`` (in
+``minilife.kernels.flash_attention_torch``) counts it: a ``TorchDispatchMode`` sees every op the
+forward and backward run, adds the bytes of each new output storage, and a weakref finalizer
+subtracts them when the storage is freed; the peak of that running total is reported. It counts
+tensors only (no allocator slack, no scratch buffers *inside* one aten kernel), the same way for both
+sides, and is exact and repeatable -- unlike RSS, which glibc's malloc keeps high after frees.
+
+Triton on a CPU. With no GPU the Triton tiers run in Triton's interpreter (numpy; slow, so at small
+sizes) in a *child* Python started with ``TRITON_INTERPRET=1`` in its environment. Setting the
+variable inside this process would not do: Triton reads it when a ``@triton.jit`` function is
+created, and its own ``tl`` helpers are created when triton is first imported -- which other code
+(torch's flop counter, for one) may already have done, without the flag. ``--no-interpret`` marks
+those rows "n/a (no GPU; see tests under the interpreter)" instead.
+
+What it leaves out: Triton timings on CPU (the interpreter's speed means nothing), autotuning.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from minilife.common import (MetricsLogger, chapter_dir, cli_field, config_from_args, pick_device, plot_lines,
+                             seed_everything, write_json_atomic)
+from minilife.kernels import interpreting, triton_available
+from minilife.kernels.cross_entropy import cross_entropy
+from minilife.kernels.flash_attention import bench_attention, flash_attention
+from minilife.kernels.flash_attention_torch import flash_attention_torch, peak_tensor_bytes
+from minilife.kernels.fused_linear_ce import fused_linear_cross_entropy
+from minilife.kernels.reference import attention_naive, cross_entropy_naive
+
+CHAPTER = "ch5_kernels"
+NA = "n/a (no GPU; see tests under the interpreter)"
+MiB = 2.0**20
+
+
+@dataclass
+class KernelsConfig:
+    """Triton attention and cross-entropy vs float64 math: parity, memory saved, timings on a GPU."""
+    smoke: bool = cli_field(False, "CI-sized run, seconds")
+    out: Optional[str] = cli_field(None, "output dir (default runs/ch5_kernels[-smoke]/)")
+    seed: int = cli_field(0, "seed for all random inputs")
+    device: str = cli_field("auto", "auto | cpu | cuda")
+    interpret: bool = cli_field(True, "with no GPU, run the Triton tiers in Triton's interpreter (small sizes)")
+    tokens: Optional[int] = cli_field(None, "tokens N in the vocabulary sweep (default 1024; smoke 64)")
+    hidden: Optional[int] = cli_field(None, "hidden size C in the vocabulary sweep (default 256; smoke 16)")
+    vocabs: Optional[list[int]] = cli_field(None, "vocabularies V swept (default 2048 8192 32768 50257)")
+    chunk: Optional[int] = cli_field(None, "rows per chunk of the fused loss in the sweep (default N/8)")
+    seq_lens: Optional[list[int]] = cli_field(None, "sequence lengths T swept for attention (default 256 512 1024)")
+
+
+# ------------------------------------------------------------------------------------------------
+# measuring helpers
+
+
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated while ``fn()`` runs, above what existed before (method: module docstring)."""
+    if device.type != "cuda":
+        return peak_tensor_bytes(fn)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def _grads(out: torch.Tensor, inputs: tuple, upstream: Optional[torch.Tensor] = None) -> tuple:
+    return torch.autograd.grad(out, inputs, upstream)
+
+
+def _max_err(got, ref) -> float:
+    if isinstance(got, (tuple, list)):
+        return max(_max_err(g, r) for g, r in zip(got, ref))
+    return (got.detach().double().cpu() - ref.detach().double().cpu()).abs().max().item()
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. parity
+
+ATTN_TIERS = ["naive, fp32", "torch SDPA", "flash attention, torch tiles", "flash attention, Triton"]
+LOSS_TIERS = ["naive, fp32", "torch F.cross_entropy", "Triton cross_entropy", "materialised: linear + F.cross_entropy",
+              "fused linear + CE, torch chunks", "fused linear + CE, Triton chunks"]
+TRITON_TIERS = {"flash attention, Triton", "Triton cross_entropy", "fused linear + CE, Triton chunks"}
+
+
+def parity_attention(device, tiers: list[str], B=1, H=2, T=48, D=16, seed=0) -> list[dict]:
+    """Causal attention tiers vs attention_naive in float64: output and (dq, dk, dv) max abs errors."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, d_o = (torch.randn(B, H, T, D, generator=g, dtype=torch.float64) for _ in range(4))
+    q64, k64, v64 = (t.clone().requires_grad_(True) for t in (q, k, v))
+    ref_out = attention_naive(q64, k64, v64, causal=True)
+    ref_grads = _grads(ref_out, (q64, k64, v64), d_o)
+    fns = {"naive, fp32": lambda a, b, c: attention_naive(a, b, c, causal=True),
+           "torch SDPA": lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True),
+           "flash attention, torch tiles": lambda a, b, c: flash_attention_torch(a, b, c, True, None, 16, 16),
+           "flash attention, Triton": lambda a, b, c: flash_attention(a, b, c, causal=True, blocks=(16, 16))}
+    rows = []
+    for tier in tiers:
+        x = tuple(t.float().to(device).requires_grad_(True) for t in (q, k, v))
+        out = fns[tier](*x)
+        grads = _grads(out, x, d_o.float().to(device))
+        rows.append({"op": f"attention B={B} H={H} T={T} D={D}", "tier": tier,
+                     "out_err": _max_err(out, ref_out), "grad_err": _max_err(grads, ref_grads)})
+    return rows
+
+
+def parity_loss(device, tiers: list[str], N=64, V=1000, C=32, chunk=24, seed=0) -> list[dict]:
+    """Loss tiers vs cross_entropy_naive in float64 (mean, 1/8 of targets ignored): loss and grads.
+
+    Cross-entropy tiers differentiate wrt the logits; the linear + loss tiers wrt (hidden, weight).
+    The two "fused" tiers are one function: which per-chunk path it takes depends on where it runs.
+    """
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, C, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, C, generator=g, dtype=torch.float64) / C**0.5 * 3  # logits of O(3)
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[::8] = -100
+    t_dev = targets.to(device)
+    fused = lambda h, w, t: fused_linear_cross_entropy(h, w, t, chunk_size=chunk)  # noqa: E731
+    fns = {"naive, fp32": cross_entropy_naive, "torch F.cross_entropy": F.cross_entropy,
+           "Triton cross_entropy": cross_entropy,
+           "materialised: linear + F.cross_entropy": lambda h, w, t: F.cross_entropy(h @ w.t(), t),
+           "fused linear + CE, torch chunks": fused, "fused linear + CE, Triton chunks": fused}
+    rows = []
+    for tier in tiers:
+        if tier in LOSS_TIERS[:3]:  # on the logits
+            logits = (hidden @ weight.t()).requires_grad_(True)  # (N, V) float64
+            ref = cross_entropy_naive(logits, targets)
+            ref_grads, inputs = _grads(ref, (logits,)), (logits,)
+            op = f"cross-entropy N={N} V={V}"
+        else:  # on (hidden, weight)
+            inputs = (hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True))
+            ref = cross_entropy_naive(inputs[0] @ inputs[1].t(), targets)
+            ref_grads = _grads(ref, inputs)
+            op = f"linear + CE N={N} C={C} V={V} chunk={chunk}"
+        x = tuple(t.detach().float().to(device).requires_grad_(True) for t in inputs)
+        loss = fns[tier](*x, t_dev)
+        rows.append({"op": op, "tier": tier, "out_err": _max_err(loss, ref),
+                     "grad_err": _max_err(_grads(loss, x), ref_grads)})
+    return rows
+
+
+def triton_rows(device, attn_kw: dict, loss_kw: dict) -> list[dict]:
+    """The parity rows of the three Triton tiers."""
+    return (parity_attention(device, ["flash attention, Triton"], **attn_kw)
+            + parity_loss(device, ["Triton cross_entropy", "fused linear + CE, Triton chunks"], **loss_kw))
+
+
+def triton_rows_in_interpreter(attn_kw: dict, loss_kw: dict) -> list[dict]:
+    """``triton_rows`` on CPU, computed by a child Python started with TRITON_INTERPRET=1.
+
+    Why a child process: Triton decides at *import* time whether its own ``tl`` helpers are
+    interpreted; an earlier ``import triton`` in this process (torch's flop counter does one) would
+    make the interpreter fail. A fresh interpreter-mode process avoids that and leaves this one on
+    the fast torch paths.
+    """
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
+    code = ("import json, sys, torch; from minilife.chapters.ch5_kernels import triton_rows; "
+            "print(json.dumps(triton_rows(torch.device('cpu'), *json.loads(sys.argv[1]))))")
+    res = subprocess.run([sys.executable, "-c", code, json.dumps([attn_kw, loss_kw])], env=env,
+                         capture_output=True, text=True, timeout=900)
+    if res.returncode != 0:
+        raise RuntimeError(f"{CHAPTER}: the Triton tiers failed under the interpreter:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def parity(device, triton_mode: str, attn_kw: dict, loss_kw: dict) -> list[dict]:
+    """All tiers in table order. Triton tiers: on CUDA in this process; on CPU ('interpreter') in this
+    process if it already interprets Triton (started with TRITON_INTERPRET=1, as the tests are), else
+    in a child process; otherwise marked n/a."""
+    cuda = device.type == "cuda"
+    # under an interpreting process the fused function takes Triton chunks: no torch-chunks row then
+    plain_loss = [t for t in LOSS_TIERS if t not in TRITON_TIERS
+                  and not ((cuda or interpreting()) and "torch chunks" in t)]
+    rows = parity_attention(device, [t for t in ATTN_TIERS if t not in TRITON_TIERS], **attn_kw)
+    rows += parity_loss(device, plain_loss, **loss_kw)
+    if triton_mode == "cuda" or (triton_mode == "interpreter" and interpreting()):
+        rows += triton_rows(device, attn_kw, loss_kw)
+    elif triton_mode == "interpreter":
+        rows += triton_rows_in_interpreter(attn_kw, loss_kw)
+    else:
+        rows += [{"op": op, "tier": t, "out_err": NA, "grad_err": NA}
+                 for op, t in (("attention", "flash attention, Triton"), ("cross-entropy", "Triton cross_entropy"),
+                               ("linear + CE", "fused linear + CE, Triton chunks"))]
+    place = lambda r: ((0, ATTN_TIERS.index(r["tier"])) if r["op"].startswith("attention")  # noqa: E731
+                       else (1, LOSS_TIERS.index(r["tier"])))
+    return sorted(rows, key=place)
+
+
+def markdown_table(rows: list[dict], cols: list[str]) -> str:
+    """Rows (dicts) as a markdown table over ``cols``; floats with 3 significant digits."""
+    cell = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    out = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
+    return "\n".join(out + ["| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |" for r in rows])
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. memory (and the timing helper the benchmark shares)
+
+
+def _loss_sides(N: int, V: int, C: int, dtype, device, chunk: Optional[int] = None,
+                seed=0) -> dict[str, Callable[[], object]]:
+    """Forward + backward closures: the fused head + loss (``chunk`` rows per chunk, default rule if
+    None), and linear then F.cross_entropy."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, C, generator=g).to(device, dtype).requires_grad_(True)
+    weight = (torch.randn(V, C, generator=g) / C**0.5).to(device, dtype).requires_grad_(True)
+    targets = torch.randint(0, V, (N,), generator=g).to(device)
+    fused = lambda: fused_linear_cross_entropy(hidden, weight, targets, chunk_size=chunk)  # noqa: E731
+    return {"fused": lambda: torch.autograd.grad(fused(), (hidden, weight)),
+            "materialised": lambda: torch.autograd.grad(F.cross_entropy(hidden @ weight.t(), targets),
+                                                        (hidden, weight))}
+
+
+def _ce_sides(N: int, V: int, dtype, device, seed=0) -> dict[str, Callable[[], object]]:
+    """Forward + backward closures on (N, V) logits: Triton cross_entropy and F.cross_entropy."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(N, V, generator=g).to(device, dtype).requires_grad_(True)
+    targets = torch.randint(0, V, (N,), generator=g).to(device)
+    return {"triton": lambda: torch.autograd.grad(cross_entropy(logits, targets), (logits,)),
+            "torch": lambda: torch.autograd.grad(F.cross_entropy(logits, targets), (logits,))}
+
+
+def compare(case: str, ours: str, ref: str, sides: dict, device, repeats: int) -> list[dict]:
+    """Time ``ours`` vs ``ref`` (one warm-up each, then ``repeats`` interleaved rounds, order alternating)
+    and measure their peak memory; rows as in ``bench_attention`` (ratio = ours / reference)."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times: dict[str, list[float]] = {ours: [], ref: []}
+    peaks: dict[str, list[float]] = {ours: [], ref: []}
+    for name in (ours, ref):
+        sides[name]()  # warm-up: compiles kernels, touches the allocator
+    for r in range(repeats):
+        for name in ((ours, ref) if r % 2 == 0 else (ref, ours)):
+            sync()
+            t0 = time.perf_counter()
+            sides[name]()
+            sync()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    for name in (ours, ref):  # separately, so the CPU counter's bookkeeping never enters a timing
+        peaks[name].append(peak_bytes(sides[name], device) / MiB)
+    rows = []
+    for metric, values in (("time_ms", times), ("peak_MiB", peaks)):
+        o_min, o_med = min(values[ours]), statistics.median(values[ours])
+        r_min, r_med = min(values[ref]), statistics.median(values[ref])
+        rows.append(dict(case=case, metric=metric, ours=ours, reference=ref, ours_min=o_min, ours_median=o_med,
+                         ref_min=r_min, ref_median=r_med, ratio_min=o_min / r_min, ratio_median=o_med / r_med))
+    return rows
+
+
+def bench_loss(device, *, tokens: int, vocab: int, hidden: int, dtype, repeats: int,
+               triton_ce: bool) -> list[dict]:
+    """Fused linear + CE vs materialised (and, if ``triton_ce``, Triton CE vs F.cross_entropy)."""
+    tag = f"{str(dtype)[6:]} {device.type}"
+    rows = compare(f"linear + CE fwd+bwd N={tokens} C={hidden} V={vocab} {tag}", "fused", "materialised",
+                   _loss_sides(tokens, vocab, hidden, dtype, device), device, repeats)
+    if triton_ce:
+        rows += compare(f"cross-entropy fwd+bwd N={tokens} V={vocab} {tag}", "triton", "torch",
+                        _ce_sides(tokens, vocab, dtype, device), device, repeats)
+    return rows
+
+
+def memory_sweep_vocab(device, N: int, C: int, vocabs: list[int], chunk: int) -> list[dict]:
+    rows = []
+    for V in tqdm(vocabs, desc="memory vs V", leave=False):
+        sides = _loss_sides(N, V, C, torch.float32, device, chunk)
+        fused, mat = (peak_bytes(sides[k], device) / MiB for k in ("fused", "materialised"))
+        rows.append({"V": V, "N": N, "C": C, "chunk": chunk, "materialised_MiB": round(mat, 2), "fused_MiB": round(fused, 2),
+                     "logits_MiB": round(N * V * 4 / MiB, 2), "ratio": round(fused / mat, 3)})
+    return rows
+
+
+def memory_sweep_attention(device, T_list: list[int], B=1, H=4, D=32) -> list[dict]:
+    rows = []
+    for T in tqdm(T_list, desc="memory vs T", leave=False):
+        g = torch.Generator().manual_seed(T)
+        q, k, v = (torch.randn(B, H, T, D, generator=g).to(device).requires_grad_(True) for _ in range(3))
+        run = lambda f: lambda: torch.autograd.grad(f(q, k, v).sum(), (q, k, v))  # noqa: E731
+        naive = peak_bytes(run(lambda a, b, c: attention_naive(a, b, c, causal=True)), device) / MiB
+        tiled = peak_bytes(run(lambda a, b, c: flash_attention_torch(a, b, c, causal=True)), device) / MiB
+        rows.append({"T": T, "B": B, "H": H, "D": D, "naive_MiB": round(naive, 2), "flash_torch_MiB": round(tiled, 2),
+                     "ratio": round(tiled / naive, 3)})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg: KernelsConfig = config_from_args(KernelsConfig, argv, prog=f"python -m minilife.chapters.{CHAPTER}")
+    out_dir = chapter_dir(CHAPTER, cfg.smoke, cfg.out)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    cuda = device.type == "cuda"
+    if cuda and triton_available():
+        triton_mode = "cuda"
+    elif not cuda and cfg.interpret and triton_available():
+        triton_mode = "interpreter"
+    else:
+        triton_mode = "n/a"
+    N = cfg.tokens or (64 if cfg.smoke else 1024)
+    C = cfg.hidden or (16 if cfg.smoke else 256)
+    vocabs = cfg.vocabs or ([256, 1024, 4096] if cfg.smoke else [2048, 8192, 32768, 50257])
+    seq_lens = cfg.seq_lens or ([64, 128] if cfg.smoke else [256, 512, 1024])
+    log = MetricsLogger(out_dir / "metrics.jsonl")
+    print(f"[{CHAPTER}] device {device}; Triton tiers: {triton_mode}; writing to {out_dir}")
+
+    # 1. parity against float64 -------------------------------------------------------------------
+    print("\n1. Parity: max abs error vs the naive formula in float64 (forward + backward, float32 inputs)")
+    if triton_mode == "interpreter":
+        where = "this process" if interpreting() else "a child process with TRITON_INTERPRET=1"
+        print(f"   (Triton tiers: Triton's interpreter in {where}; small shapes)")
+    if cuda:
+        attn_kw = dict(T=512, D=64, seed=cfg.seed)
+        loss_kw = dict(N=2048, V=32000, C=64, chunk=500, seed=cfg.seed)
+    else:
+        attn_kw = dict(T=32 if cfg.smoke else 48, D=16, seed=cfg.seed)
+        loss_kw = dict(N=32 if cfg.smoke else 64, V=300 if cfg.smoke else 1000, C=16 if cfg.smoke else 32,
+                       chunk=24, seed=cfg.seed)
+    parity_rows = parity(device, triton_mode, attn_kw, loss_kw)
+    for r in parity_rows:
+        log.log(section="parity", **r)
+    print(markdown_table(parity_rows, ["op", "tier", "out_err", "grad_err"]))
+
+    # 2. memory ------------------------------------------------------------------------------------
+    print(f"\n2. Peak memory of forward + backward ({'cuda allocator' if cuda else 'live tensor bytes, dispatch-mode count'})")
+    # a fixed chunk shows how each side grows with V (the default rule would pick one chunk -- no
+    # saving, and none needed -- while a chunk's logits are under 16M elements)
+    chunk = cfg.chunk or max(1, N // 8)
+    vocab_rows = memory_sweep_vocab(device, N, C, vocabs, chunk)
+    for r in vocab_rows:
+        log.log(section="memory_vocab", **r)
+    print(markdown_table(vocab_rows, ["V", "N", "C", "chunk", "logits_MiB", "materialised_MiB", "fused_MiB", "ratio"]))
+    attn_mem = memory_sweep_attention(device, seq_lens)
+    for r in attn_mem:
+        log.log(section="memory_attention", **r)
+    print(markdown_table(attn_mem, ["T", "B", "H", "D", "naive_MiB", "flash_torch_MiB", "ratio"]))
+    plot_lines(out_dir / "memory_vs_vocab.png",
+               {"linear + F.cross_entropy (materialised)": ([r["V"] for r in vocab_rows], [r["materialised_MiB"] for r in vocab_rows]),
+                "fused linear + CE": ([r["V"] for r in vocab_rows], [r["fused_MiB"] for r in vocab_rows])},
+               title=f"peak memory, fwd+bwd, N={N} C={C} chunk={chunk}", xlabel="vocabulary V", ylabel="MiB", logy=True)
+    plot_lines(out_dir / "attention_memory_vs_T.png",
+               {"naive attention": ([r["T"] for r in attn_mem], [r["naive_MiB"] for r in attn_mem]),
+                "flash attention (torch tiles)": ([r["T"] for r in attn_mem], [r["flash_torch_MiB"] for r in attn_mem])},
+               title="peak memory, causal attention fwd+bwd", xlabel="sequence length T", ylabel="MiB", logy=True)
+
+    # 3. timings (GPU only) --------------------------------------------------------------------------
+    if triton_mode == "cuda":
+        print("\n3. Timings on " + torch.cuda.get_device_name(device))
+        timings = bench_attention(str(device), seq_len=256 if cfg.smoke else 2048, repeats=3)
+        timings += bench_loss(device, tokens=1024 if cfg.smoke else 8192, vocab=32000 if cfg.smoke else 128256,
+                              hidden=512 if cfg.smoke else 2048, dtype=torch.bfloat16, repeats=3, triton_ce=True)
+        for r in timings:
+            log.log(section="timing", **r)
+        print(markdown_table(timings, ["case", "metric", "ours", "reference", "ours_min", "ref_min", "ratio_min", "ratio_median"]))
+    else:
+        timings = "n/a (no GPU): the interpreter's speed says nothing about a GPU's; see bench/kernels.py"
+        print(f"\n3. Timings: {timings}")
+    log.close()
+
+    numeric = [r[k] for r in parity_rows for k in ("out_err", "grad_err") if isinstance(r[k], float)]
+    summary = {"device": str(device), "triton_tiers": triton_mode, "parity": parity_rows,
+               "max_parity_error": max(numeric), "memory_vocab": vocab_rows, "memory_attention": attn_mem,
+               "fused_memory_ratio_at_largest_V": vocab_rows[-1]["ratio"], "timings": timings}
+    write_json_atomic(out_dir / "summary.json", summary)
+    print(f"\nworst parity error {summary['max_parity_error']:.2e}; fused/materialised memory at V={vocabs[-1]}: "
+          f"{summary['fused_memory_ratio_at_largest_V']:.3f}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

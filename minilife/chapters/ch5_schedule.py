@@ -1,0 +1,206 @@
+"""Chapter 5.1 and 5.5: learning-rate schedules and when to stop.
+
+What it implements
+- Warmup vs no warmup at a high peak LR, the same model, data and cosine decay otherwise. At step 0
+  Adam's moments hold one noisy gradient and its update is about lr * sign(g) for *every* weight;
+  at a high LR that kicks the freshly initialised network out of its basin and the loss spikes (or
+  goes NaN). A linear warmup (Goyal et al. 2017) reaches the same peak without the spike. The spike is
+  measured as the largest rise of the training loss above its best value so far.
+- Reduce-on-plateau (``PlateauScheduler``): a constant LR halved whenever the validation loss stops
+  improving by a relative threshold for ``patience`` evaluations, beside warmup + cosine.
+- Early stopping on validation loss (``EarlyStopping``): a model trained on a small slice of the
+  data overfits -- training loss keeps falling while validation loss turns up. The run goes on for
+  the whole budget so the curve after the stopping point is visible; the step where patience ran
+  out, the best step, and what the remaining steps would have cost are reported.
+
+What it leaves out: warmup-stable-decay, cyclic/restart schedules, LR range tests, schedule-free
+optimizers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from minilife.chapters.loop import BatchSource, evaluate, load_data, optimizer_step
+from minilife.checkpoint import NonFiniteLossError
+from minilife.common import (MetricsLogger, chapter_dir, cli_field, config_from_args, pick_device, plot_lines,
+                             seed_everything, write_json_atomic)
+from minilife.model.transformer import GPT, ModelConfig
+from minilife.optim.adamw import AdamW
+from minilife.optim.schedule import EarlyStopping, PlateauScheduler, warmup_cosine_lr
+
+CHAPTER = "ch5_schedule"
+
+
+@dataclass
+class ScheduleConfig:
+    """Warmup vs none at a high LR (the spike), reduce-on-plateau, and early stopping on validation loss."""
+    smoke: bool = cli_field(False, "CI-sized run, seconds")
+    out: Optional[str] = cli_field(None, "output dir (default runs/ch5_schedule[-smoke]/)")
+    seed: int = cli_field(0, "seed (every run starts from the same init and sees the same batches)")
+    device: str = cli_field("auto", "auto | cpu | cuda | mps")
+    data_dir: Optional[str] = cli_field(None, "ch2_data output dir; built if missing")
+    preset: Optional[str] = cli_field(None, "ModelConfig preset (default tiny; smoke micro)")
+    batch_size: int = cli_field(8, "sequences per step")
+    context_length: Optional[int] = cli_field(None, "tokens per sequence (default 64; smoke 32)")
+    steps: Optional[int] = cli_field(None, "steps per run (default 200; smoke 8)")
+    high_lr: float = cli_field(2e-2, "peak LR of the warmup / no-warmup pair")
+    warmup_steps: Optional[int] = cli_field(None, "warmup length (default steps/5)")
+    grad_clip: float = cli_field(0.0, "global-norm clipping in the warmup pair (0 = off: clipping hides part of the spike)")
+    plateau_lr: float = cli_field(3e-3, "starting LR of the reduce-on-plateau run (and peak of its cosine neighbour)")
+    plateau_patience: int = cli_field(1, "evaluations without improvement before the LR is halved")
+    plateau_threshold: float = cli_field(0.01, "relative improvement that counts")
+    eval_every: Optional[int] = cli_field(None, "steps between validation evaluations (default 10; smoke 2)")
+    eval_batches: int = cli_field(4, "validation batches per evaluation")
+    overfit_tokens: int = cli_field(3000, "early stopping: train on only the first N training tokens")
+    stop_patience: int = cli_field(3, "early stopping patience (evaluations)")
+
+
+def run(model: GPT, source: BatchSource, steps: int, lr_at: Callable[[int], float], *, grad_clip: float,
+        val: BatchSource | None = None, eval_every: int = 0, eval_batches: int = 4,
+        on_eval: Callable[[int, float], float | None] | None = None) -> dict:
+    """Train ``steps`` steps with LR ``lr_at(step)``; evaluate every ``eval_every`` steps. ``on_eval(step,
+    val_loss)`` may return a new LR that replaces the schedule from then on (reduce-on-plateau).
+    A non-finite loss ends the run and is recorded (``diverged_at``)."""
+    opt = AdamW(model.param_groups(0.1), lr=lr_at(0), betas=(0.9, 0.95))
+    hist = {"step": [], "loss": [], "lr": [], "val_step": [], "val_loss": [], "diverged_at": None}
+    override = None
+    for step in range(steps):
+        lr = override if override is not None else lr_at(step)
+        try:
+            res = optimizer_step(model, opt, [source.micro_batch(step)], lr=lr, grad_clip=grad_clip, step=step)
+        except NonFiniteLossError:
+            hist["diverged_at"] = step
+            break
+        hist["step"].append(step + 1)
+        hist["loss"].append(res.loss)
+        hist["lr"].append(lr)
+        if val is not None and eval_every and (step + 1) % eval_every == 0:
+            v = evaluate(model, val, eval_batches)
+            hist["val_step"].append(step + 1)
+            hist["val_loss"].append(v)
+            if on_eval is not None:
+                new_lr = on_eval(step + 1, v)
+                override = new_lr if new_lr is not None else override
+    return hist
+
+
+def spike(losses: list[float]) -> float:
+    """Largest rise of the loss above its running minimum (0 for a loss that only falls)."""
+    best, worst_rise = math.inf, 0.0
+    for x in losses:
+        best = min(best, x)
+        worst_rise = max(worst_rise, x - best)
+    return worst_rise
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg: ScheduleConfig = config_from_args(ScheduleConfig, argv, prog=f"python -m minilife.chapters.{CHAPTER}")
+    preset = cfg.preset or ("micro" if cfg.smoke else "tiny")
+    t = cfg.context_length or (32 if cfg.smoke else 64)
+    steps = cfg.steps or (8 if cfg.smoke else 200)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, steps // 5)
+    eval_every = cfg.eval_every or (2 if cfg.smoke else 10)
+    out = chapter_dir(CHAPTER, cfg.smoke, cfg.out)
+    device = pick_device(cfg.device)
+    data_dir, tokenizer, train_tokens, val_tokens = load_data(cfg.smoke, cfg.data_dir)
+    model_cfg = ModelConfig.preset(preset, vocab_size=tokenizer.vocab_size, context_length=t)
+    train = BatchSource(train_tokens, cfg.batch_size, t, seed=cfg.seed, stream=0, device=device)
+    val = BatchSource(val_tokens, cfg.batch_size, t, seed=cfg.seed, stream=1, device=device)
+
+    def fresh() -> GPT:
+        seed_everything(cfg.seed)
+        return GPT(model_cfg).to(device)
+
+    logger = MetricsLogger(out / "metrics.jsonl")
+    print(f"[{CHAPTER}] {preset} model, batch {cfg.batch_size}x{t}, {steps} steps per run, device {device}")
+
+    # 1. warmup vs none at a high LR
+    runs = {}
+    for name, w in (("no warmup", 0), (f"warmup {warmup}", warmup)):
+        runs[name] = run(fresh(), train, steps, lambda s, w=w: warmup_cosine_lr(
+            s, max_lr=cfg.high_lr, warmup_steps=w, total_steps=steps, min_lr=cfg.high_lr / 10), grad_clip=cfg.grad_clip)
+    print(f"\n| peak LR {cfg.high_lr:g} | loss at step 1 | largest rise above best-so-far | final loss | diverged |"
+          f"\n|---|---|---|---|---|")
+    for name, h in runs.items():
+        logger.log(part="warmup", run=name, **h)
+        print(f"| {name} | {h['loss'][0]:.3f} | {spike(h['loss']):.3f} | {h['loss'][-1]:.3f} | "
+              f"{'at step ' + str(h['diverged_at']) if h['diverged_at'] is not None else 'no'} |")
+    plot_lines(out / "warmup.png", {n: (h["step"], h["loss"]) for n, h in runs.items()},
+               title=f"peak LR {cfg.high_lr:g}: with and without warmup", xlabel="step", ylabel="train loss")
+
+    # 2. reduce-on-plateau beside warmup + cosine
+    plateau = PlateauScheduler(cfg.plateau_lr, factor=0.5, patience=cfg.plateau_patience,
+                               threshold=cfg.plateau_threshold, min_lr=cfg.plateau_lr / 64)
+    sched = {
+        "warmup + cosine": run(fresh(), train, steps, lambda s: warmup_cosine_lr(
+            s, max_lr=cfg.plateau_lr, warmup_steps=warmup, total_steps=steps, min_lr=cfg.plateau_lr / 10),
+            grad_clip=1.0, val=val, eval_every=eval_every, eval_batches=cfg.eval_batches),
+        "reduce on plateau": run(fresh(), train, steps, lambda s: cfg.plateau_lr, grad_clip=1.0, val=val,
+                                 eval_every=eval_every, eval_batches=cfg.eval_batches,
+                                 on_eval=lambda step, v: plateau.step(v)),
+    }
+    print(f"\n| schedule | final val loss | LR at the end | LR reductions |\n|---|---|---|---|")
+    for name, h in sched.items():
+        logger.log(part="plateau", run=name, **h)
+        print(f"| {name} | {h['val_loss'][-1]:.3f} | {h['lr'][-1]:.2e} | "
+              f"{plateau.num_reductions if name == 'reduce on plateau' else '-'} |")
+    plot_lines(out / "plateau_val.png", {n: (h["val_step"], h["val_loss"]) for n, h in sched.items()},
+               title="validation loss", xlabel="step", ylabel="val loss")
+    plot_lines(out / "plateau_lr.png", {n: (h["step"], h["lr"]) for n, h in sched.items()},
+               title="learning rate", xlabel="step", ylabel="LR", logy=True)
+
+    # 3. early stopping on a run that overfits a small slice of the data
+    small = BatchSource(train_tokens[: max(cfg.overfit_tokens, t + 2)], cfg.batch_size, t, seed=cfg.seed,
+                        device=device)
+    stopper, stop_at = EarlyStopping(patience=cfg.stop_patience), None
+    best_state: dict = {}
+
+    def watch(step: int, v: float) -> None:
+        nonlocal stop_at
+        if stop_at is None:
+            before = stopper.best
+            if stopper.should_stop(v, step):
+                stop_at = step
+            if stopper.best < before:  # a new best: keep its weights, as a best-checkpoint would
+                best_state.update({k: x.detach().clone() for k, x in overfit_model.state_dict().items()})
+
+    overfit_model = fresh()
+    h = run(overfit_model, small, steps, lambda s: warmup_cosine_lr(
+        s, max_lr=cfg.plateau_lr, warmup_steps=warmup, total_steps=steps, min_lr=cfg.plateau_lr / 10),
+        grad_clip=1.0, val=val, eval_every=eval_every, eval_batches=cfg.eval_batches, on_eval=watch)
+    logger.log(part="early_stopping", **h, best_step=stopper.best_step, stop_step=stop_at)
+    logger.close()
+    final_val = h["val_loss"][-1]
+    overfit_model.load_state_dict(best_state)  # what early stopping hands on: the best weights
+    restored_val = evaluate(overfit_model, val, cfg.eval_batches)
+    print(f"\n[{CHAPTER}] early stopping (train on the first {cfg.overfit_tokens} tokens, patience {cfg.stop_patience}): "
+          f"best val {stopper.best:.3f} at step {stopper.best_step}; patience ran out at step "
+          f"{stop_at if stop_at is not None else '- (never)'}; training on to step {h['step'][-1]} "
+          f"ends at val {final_val:.3f}; the restored best weights evaluate to {restored_val:.3f}")
+    plot_lines(out / "early_stopping.png", {"train loss": (h["step"], h["loss"]),
+                                            "val loss": (h["val_step"], h["val_loss"])},
+               points={"best": ([stopper.best_step], [stopper.best])} if stopper.best_step else None,
+               title="overfitting a small slice: when to stop", xlabel="step", ylabel="loss")
+
+    summary = {
+        "chapter": CHAPTER, "steps": steps,
+        "warmup": {n: {"spike": spike(r["loss"]), "final_loss": r["loss"][-1], "diverged_at": r["diverged_at"]}
+                   for n, r in runs.items()},
+        "plateau": {n: {"final_val_loss": r["val_loss"][-1], "final_lr": r["lr"][-1]} for n, r in sched.items()},
+        "plateau_reductions": plateau.num_reductions,
+        "early_stopping": {"best_step": stopper.best_step, "best_val_loss": stopper.best, "stop_step": stop_at,
+                           "final_val_loss": final_val, "restored_val_loss": restored_val},
+        "data_dir": str(data_dir), "config": dataclasses.asdict(cfg),
+    }
+    write_json_atomic(out / "summary.json", summary)
+    print(f"[{CHAPTER}] wrote {out}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Hand-written kernels (attention, cross-entropy) and the helpers that decide whether Triton can run.
+
+What it implements
+- ``interpreting()``: True when ``TRITON_INTERPRET=1`` is set, i.e. Triton kernels run on the CPU
+  through Triton's numpy interpreter (slow, but exact enough to test the kernels without a GPU).
+- ``triton_runnable(device)``: can a Triton kernel run on tensors living on ``device``? Yes on CUDA
+  (when triton is installed), yes on CPU only under the interpreter, otherwise no. Callers then fall
+  back to their pure-torch version (with a warning), never to a silently wrong answer.
+- ``import_triton()``: the one place that imports triton. It is imported lazily (only when a kernel is
+  launched), so ``import minilife`` never needs triton or touches CUDA.
+- ``warn_once(key, msg)``: a fallback warning printed once per process and reason.
+
+What it leaves out: kernels for MPS/ROCm-specific paths (Triton's AMD backend may work but is untested).
+
+About ``TRITON_INTERPRET``: Triton (3.x, checked on 3.9) reads the variable when a ``@triton.jit``
+function is *created* (``triton.jit`` returns an ``InterpretedFunction`` instead of a ``JITFunction``
+when it is set), so it must be set before the module defining the kernels is imported. Our kernel
+modules define their kernels lazily on first launch, so setting it any time before the first kernel
+call works; tests still set it before importing anything, which is the safe order.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import warnings
+from types import ModuleType
+
+import torch
+
+__all__ = ["interpreting", "triton_available", "triton_runnable", "import_triton", "warn_once"]
+
+_WARNED: set[str] = set()
+
+
+def interpreting() -> bool:
+    """True when TRITON_INTERPRET is set to a true value ('1', 'true', 'yes', 'on')."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def triton_available() -> bool:
+    """True when the ``triton`` package can be imported (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_runnable(device: torch.device | str) -> bool:
+    """Can a Triton kernel run on tensors on ``device``?
+
+    CUDA device + triton installed -> True. CPU device -> True only when interpreting
+    (TRITON_INTERPRET=1) and triton is installed. Anything else (MPS, no triton) -> False.
+    """
+    device = torch.device(device)
+    if not triton_available():
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_available()
+    if device.type == "cpu":
+        return interpreting()
+    return False
+
+
+def import_triton() -> tuple[ModuleType, ModuleType]:
+    """Import and return ``(triton, triton.language)``; clear ImportError if triton is missing."""
+    try:
+        triton = importlib.import_module("triton")
+        tl = importlib.import_module("triton.language")
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "minilife.kernels: the Triton kernels need the 'triton' package "
+            f"(import failed: {e}). Install triton, or use the pure-torch versions "
+            "(attn_impl='math'/'sdpa', loss_impl='torch')."
+        ) from e
+    return triton, tl
+
+
+def warn_once(key: str, message: str) -> None:
+    """Emit ``message`` as a RuntimeWarning the first time ``key`` is seen in this process."""
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)

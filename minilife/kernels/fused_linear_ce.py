@@ -1,0 +1,191 @@
+"""LM head + cross-entropy, chunk by chunk over tokens, so the (N, V) logits never exist at once.
+
+What it implements
+- ``fused_linear_cross_entropy(hidden (N, C), weight (V, C), targets (N,), ignore_index=-100,
+  reduction="mean", label_smoothing=0.0, num_tokens=None, chunk_size=None)`` = the loss of
+  ``F.cross_entropy(hidden @ weight.T, targets, ...)`` (float32 scalar, or (N,) for "none").
+- For each chunk of ``chunk_size`` rows: ``logits_c = hidden_c @ weight.T`` (matmul in the inputs'
+  dtype, fp32 accumulation inside the matmul), the per-row loss and log-sum-exp from
+  ``minilife.kernels.cross_entropy`` (its Triton kernel where Triton runs, its pure-torch twin
+  otherwise), then at once ``dlogits_c`` written *into the logits buffer*, ``grad_hidden_c =
+  dlogits_c @ weight`` and ``grad_weight += dlogits_c.T @ hidden_c`` (fp32 accumulator).
+  Peak extra memory is one chunk of logits (chunk_size x V) plus the gradients themselves, instead of
+  three (N, V) tensors (logits, log-softmax, its gradient) for the materialised version.
+
+Gradients in the forward pass (the Liger-Kernel approach, Hsu et al. 2024) vs recomputation
+- "mean"/"sum": the loss is ``grad_output`` times a fixed linear combination of the rows, so the
+  gradients for ``grad_output = 1`` are computed during forward and backward only multiplies them by
+  the scalar ``grad_output``. Cost: 3 matmuls of 2NVC FLOPs, the same as materialising logits.
+  The price: forward does the backward's work even when no backward follows (it is skipped when no
+  input requires grad), and a second ``backward()`` through the same graph raises an error, because
+  the stored gradients are scaled in place and released.
+- "none": each row's upstream gradient is unknown until backward, and ``grad_weight`` mixes all
+  rows, so it cannot be rescaled afterwards. Forward keeps only the per-row losses and backward
+  recomputes each chunk's logits (4 matmuls in all). Documented cost of that flexibility.
+- The mean's divisor (non-ignored count or ``num_tokens``) is known before the first chunk, so each
+  chunk's gradient is already scaled correctly; an all-ignored "mean" gives NaN loss and zero
+  gradients, like ``F.cross_entropy``.
+
+Chunk size: by default the largest power of two with chunk_size * V <= max(N * C, 2**24) elements
+(at least 1 row): a chunk of logits costs about as much memory as ``hidden`` itself (Liger's rule)
+but never less than 16M elements, because every chunk also reads and writes the whole (V, C)
+``grad_weight`` accumulator: chunks of a few dozen rows make that traffic dominate (measured on
+CPU at V=50257, C=768: 128-row chunks ran 1.6x slower than 512-row chunks).
+
+What it leaves out: a bias on the head, class weights, soft targets, z-loss, tensor-parallel vocab
+shards. ``torch.nn.functional.linear_cross_entropy`` (torch >= 2.13, chunked when given
+``LinearCrossEntropyOptions``) is the same idea; the tests compare against it when present.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from minilife.kernels import cross_entropy as _ce
+from minilife.kernels.cross_entropy import (SUPPORTED_DTYPES, backward_rows, check_options,
+                                            check_targets, forward_rows, mean_denominator)
+
+__all__ = ["fused_linear_cross_entropy", "default_chunk_size"]
+
+
+def default_chunk_size(N: int, C: int, V: int) -> int:
+    """Rows per chunk: the largest power of two with rows * V <= max(N * C, 2**24), at least 1."""
+    budget = max(N * C, 1 << 24)
+    rows = max(1, budget // max(V, 1))
+    return min(max(N, 1), 1 << (rows.bit_length() - 1))
+
+
+def _chunks(N: int, chunk_size: int):
+    for start in range(0, N, chunk_size):
+        yield start, min(start + chunk_size, N)
+
+
+def _accumulate_weight_grad(grad_weight: torch.Tensor, dlogits: torch.Tensor, hidden_c: torch.Tensor) -> None:
+    """grad_weight (V, C) fp32 += dlogits.T (V, n) @ hidden_c (n, C)."""
+    if dlogits.dtype == torch.float32:
+        grad_weight.addmm_(dlogits.t(), hidden_c)
+    else:  # one product in the input dtype (fp32 accumulate inside the matmul), summed in fp32
+        grad_weight.add_(dlogits.t() @ hidden_c)
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, eps, num_tokens, chunk_size,
+                grad_enabled):
+        N, C = hidden.shape
+        need_h = grad_enabled and ctx.needs_input_grad[0]  # grad mode is always off inside forward
+        need_w = grad_enabled and ctx.needs_input_grad[1]
+        ctx.options = (ignore_index, reduction, eps, chunk_size)
+        losses = torch.empty(N, dtype=torch.float32, device=hidden.device)  # (N,)
+        grads_now = reduction != "none" and (need_h or need_w)
+        use_triton = _ce.triton_runnable(hidden.device)  # decided once, not per chunk
+        if reduction == "mean":
+            denominator = mean_denominator(targets, ignore_index, num_tokens)
+            row_scale = (1.0 / denominator).expand(N)  # (N,), stride 0
+        else:
+            row_scale = torch.ones((), dtype=torch.float32, device=hidden.device).expand(N)  # (N,)
+        grad_hidden = (torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+                       if grads_now and need_h else None)  # (N, C), contiguous
+        grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                       if grads_now and need_w else None)  # (V, C) fp32 accumulator
+
+        for start, end in _chunks(N, chunk_size):
+            h_c, t_c = hidden[start:end], targets[start:end]  # (n, C), (n,)
+            logits_c = h_c @ weight.t()  # (n, V)
+            loss_c, lse_c, rest_c = forward_rows(logits_c, t_c, ignore_index, eps, use_triton)
+            losses[start:end] = loss_c
+            if not grads_now:
+                continue
+            # dL/dlogits for this chunk, written over the logits (they are not needed any more)
+            dlogits = backward_rows(logits_c, t_c, lse_c, rest_c, row_scale[start:end], ignore_index,
+                                    eps, out=logits_c, use_triton=use_triton)  # (n, V)
+            if grad_hidden is not None:
+                torch.mm(dlogits, weight, out=grad_hidden[start:end])  # (n, C)
+            if grad_weight is not None:
+                _accumulate_weight_grad(grad_weight, dlogits, h_c)
+            del logits_c, dlogits
+
+        if reduction == "none":
+            ctx.save_for_backward(hidden, weight, targets)
+            return losses
+        ctx.grads = (grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None)
+        total = losses.sum()
+        return total if reduction == "sum" else total / denominator
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ignore_index, reduction, eps, chunk_size = ctx.options
+        if reduction == "none":
+            return _recompute_backward(ctx, grad_out) + (None,) * 7
+        if getattr(ctx, "grads", None) is None:
+            raise RuntimeError("fused_linear_cross_entropy: backward() ran twice through the same graph; the "
+                               "gradients were computed in forward and are consumed by the first backward")
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
+        scale = grad_out.float()
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.mul_(scale.to(grad_hidden.dtype))
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(scale.to(grad_weight.dtype))
+        return (grad_hidden, grad_weight) + (None,) * 7
+
+
+def _recompute_backward(ctx, grad_out: torch.Tensor):
+    """reduction='none': recompute each chunk's logits and apply the per-row upstream gradient (N,)."""
+    hidden, weight, targets = ctx.saved_tensors
+    ignore_index, _, eps, chunk_size = ctx.options
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    row_scale = grad_out.float()  # (N,)
+    use_triton = _ce.triton_runnable(hidden.device)
+    for start, end in _chunks(hidden.shape[0], chunk_size):
+        h_c, t_c = hidden[start:end], targets[start:end]  # (n, C), (n,)
+        logits_c = h_c @ weight.t()  # (n, V)
+        _, lse_c, rest_c = forward_rows(logits_c, t_c, ignore_index, eps, use_triton)
+        dlogits = backward_rows(logits_c, t_c, lse_c, rest_c, row_scale[start:end], ignore_index, eps,
+                                out=logits_c, use_triton=use_triton)  # (n, V)
+        if grad_hidden is not None:
+            torch.mm(dlogits, weight, out=grad_hidden[start:end])
+        if grad_weight is not None:
+            _accumulate_weight_grad(grad_weight, dlogits, h_c)
+        del logits_c, dlogits
+    return grad_hidden, (grad_weight.to(weight.dtype) if grad_weight is not None else None)
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                               ignore_index: int = -100, reduction: str = "mean",
+                               label_smoothing: float = 0.0,
+                               num_tokens: Union[int, float, torch.Tensor, None] = None,
+                               chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T`` against ``targets`` without materialising the logits.
+
+    hidden (N, C) and weight (V, C): same float dtype (fp32, fp16, bf16) and device; targets (N,)
+    integer ids in [0, V) or ``ignore_index``. Options as in ``minilife.kernels.cross_entropy``.
+    chunk_size: rows per chunk (default: ``default_chunk_size(N, C, V)``). Returns float32.
+    """
+    fn = "fused_linear_cross_entropy"
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{fn}: {name} must be a 2-D tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{fn}: {name} dtype {t.dtype} is not supported (float32, float16, bfloat16)")
+    N, C = hidden.shape
+    V = weight.shape[0]
+    if weight.shape[1] != C:
+        raise ValueError(f"{fn}: hidden is (N={N}, C={C}) but weight is {tuple(weight.shape)}; expected (V, {C})")
+    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+        raise ValueError(f"{fn}: hidden ({hidden.dtype}, {hidden.device}) and weight ({weight.dtype}, "
+                         f"{weight.device}) must share dtype and device")
+    if V == 0:
+        raise ValueError(f"{fn}: weight has V = 0 rows (classes)")
+    check_targets(fn, targets, N, V, ignore_index, hidden.device)
+    n_tok = check_options(fn, reduction, label_smoothing, num_tokens)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(N, C, V)
+    elif not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"{fn}: chunk_size must be a positive int, got {chunk_size!r}")
+    return _FusedLinearCrossEntropy.apply(hidden, weight, targets, int(ignore_index), reduction,
+                                          float(label_smoothing), n_tok, chunk_size, torch.is_grad_enabled())

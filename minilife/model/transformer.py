@@ -1,0 +1,301 @@
+"""The decoder-only transformer: ModelConfig, Block, GPT (forward with loss, generate).
+
+What it implements
+- A pre-norm transformer (x + Attn(RMSNorm(x)), then x + SwiGLU(RMSNorm(x))), a final RMSNorm and a
+  linear LM head, tied to the token embedding by default (Press & Wolf 2017). Rotary positions, so
+  there is no position table. This is the LLaMA layout (Touvron et al. 2023) at toy sizes.
+- Initialisation as in GPT-2 (Radford et al. 2019, sec. 2.3) and nanoGPT: every weight ~ N(0, 0.02),
+  and the projections that write into the residual stream (attention ``proj``, FFN ``w2``) scaled
+  by 1/sqrt(2 * n_layer), since each layer adds two residual branches and their variance accumulates.
+- ``forward(idx, targets)`` -> (logits, loss). Loss: ``F.cross_entropy`` (loss_impl "torch"), the
+  Triton cross-entropy kernel ("triton") or the fused linear + cross-entropy kernel ("fused", which
+  never materialises the (N, V) logits, so it returns logits=None when targets are given).
+- Masks for the three objectives of ``minilife.model.objectives``: causal, full, prefix LM, or any
+  boolean (B, T, T) mask (see ``minilife.model.attention``).
+- Activation (gradient) checkpointing of each block with ``torch.utils.checkpoint``
+  (use_reentrant=False): activations inside a block are recomputed in the backward pass.
+- ``generate``: temperature (0 = greedy), top-k, a preallocated KV cache, a seedable generator.
+
+What it leaves out: biases, learned position tables, mixture of experts, grouped-query attention,
+weight-tying variants, beam search / nucleus sampling.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from minilife.model.attention import ATTN_IMPLS, CausalSelfAttention, KVCache, MaskSpec, build_attention_mask
+from minilife.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, TokenEmbedding, default_ffn_hidden
+
+LOSS_IMPLS = ("torch", "triton", "fused")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+@dataclass
+class ModelConfig:
+    """Shape and implementation choices of the GPT. ``ModelConfig.preset("tiny")`` is the CPU default."""
+
+    vocab_size: int = 2048
+    context_length: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    ffn_hidden: Optional[int] = None  # SwiGLU hidden width; None -> 8/3 * n_embd rounded up to a multiple of 32
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    attn_impl: str = "sdpa"  # "math" | "sdpa" | "triton"
+    loss_impl: str = "torch"  # "torch" | "triton" | "fused"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"ModelConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig: head_dim = n_embd / n_head = {self.head_dim} is odd; "
+                             "RoPE rotates channel pairs and needs an even head_dim")
+        if self.ffn_hidden is not None and (not isinstance(self.ffn_hidden, int) or self.ffn_hidden <= 0):
+            raise ValueError(f"ModelConfig.ffn_hidden must be None or a positive integer, got {self.ffn_hidden!r}")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"ModelConfig.attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
+        if self.loss_impl not in LOSS_IMPLS:
+            raise ValueError(f"ModelConfig.loss_impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.norm_eps <= 0 or self.rope_theta <= 0:
+            raise ValueError(f"ModelConfig: norm_eps and rope_theta must be > 0, "
+                             f"got norm_eps={self.norm_eps}, rope_theta={self.rope_theta}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        """The SwiGLU hidden width actually used (``ffn_hidden`` or its default)."""
+        return self.ffn_hidden if self.ffn_hidden is not None else default_ffn_hidden(self.n_embd)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ModelConfig":
+        """Named sizes: "micro" (tests, smoke runs), "tiny" (CPU default), "small", "gpt2-small"
+        (GPT-2 124M shape: 12 layers, 12 heads, C=768, V=50257, T=1024), "gpt2-medium" (24, 16, 1024)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+
+PRESETS = {
+    "micro": ModelConfig(vocab_size=512, context_length=64, n_layer=2, n_head=2, n_embd=64),
+    "tiny": ModelConfig(),
+    "small": ModelConfig(vocab_size=8192, context_length=256, n_layer=6, n_head=6, n_embd=384),
+    "gpt2-small": ModelConfig(vocab_size=50257, context_length=1024, n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": ModelConfig(vocab_size=50257, context_length=1024, n_layer=24, n_head=16, n_embd=1024),
+}
+
+
+class Block(nn.Module):
+    """One pre-norm transformer layer. x: (B, T, C) -> (B, T, C)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.attn = CausalSelfAttention(cfg.n_embd, cfg.n_head, cfg.attn_impl, cfg.dropout)
+        self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.n_embd, cfg.ffn_dim, cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: MaskSpec = "causal",
+                cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only language model. See the module docstring for the architecture."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = TokenEmbedding(cfg.vocab_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.context_length, cfg.rope_theta)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight  # one (V, C) matrix for reading and writing tokens
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """N(0, 0.02) everywhere, residual projections N(0, 0.02 / sqrt(2 * n_layer)), norm gains 1."""
+        resid_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                nn.init.ones_(p)  # RMSNorm gains
+            elif name.endswith("attn.proj.weight") or name.endswith("ffn.w2.weight"):
+                nn.init.normal_(p, mean=0.0, std=resid_std)
+            else:
+                nn.init.normal_(p, mean=0.0, std=0.02)
+
+    # ----------------------------------------------------------------------------------------
+    def _check_idx(self, idx: torch.Tensor, name: str = "idx") -> None:
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
+            raise ValueError(f"{name} must be a (B, T) tensor of token ids, got "
+                             f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__}")
+        if idx.shape[1] > self.cfg.context_length:
+            raise ValueError(f"{name} has length T={idx.shape[1]} but the model's context_length is "
+                             f"{self.cfg.context_length}; crop the input to at most {self.cfg.context_length} tokens")
+
+    def hidden(self, idx: torch.Tensor, *, attn_mask=None, prefix_lengths: torch.Tensor | None = None,
+               caches: list[KVCache] | None = None) -> torch.Tensor:
+        """Final-normed hidden states. idx: (B, T) long -> (B, T, C).
+
+        With ``caches`` (one KVCache per layer) the T tokens continue after the cached positions.
+        """
+        self._check_idx(idx)
+        B, T = idx.shape
+        start = caches[0].length if caches else 0
+        if start + T > self.cfg.context_length:
+            raise ValueError(f"cached {start} + new {T} tokens exceed context_length {self.cfg.context_length}")
+        mask = build_attention_mask(attn_mask, prefix_lengths, B, T, idx.device)
+        cos, sin = self.rope.span(start, T)  # (T, D/2) each
+        x = self.drop(self.tok_emb(idx))  # (B, T, C)
+        use_ckpt = self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled() and not caches
+        for i, block in enumerate(self.blocks):
+            cache = caches[i] if caches else None
+            if use_ckpt:
+                x = checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache)
+        return self.norm_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, attn_mask=None,
+                prefix_lengths: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean"):
+        """idx: (B, T) long; targets: (B, T) long or None (entries equal to ignore_index are skipped).
+
+        Returns (logits (B, T, V) or None, loss or None). loss is a scalar for reduction "mean"/"sum"
+        and (B, T) for "none" (0 at ignored positions). logits is None only for loss_impl="fused"
+        with targets given.
+        """
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if targets is not None and (not isinstance(targets, torch.Tensor) or targets.shape != idx.shape):
+            raise ValueError(f"targets must have the same shape as idx {tuple(idx.shape)}, got "
+                             f"{tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__}")
+        h = self.hidden(idx, attn_mask=attn_mask, prefix_lengths=prefix_lengths)  # (B, T, C)
+        B, T, C = h.shape
+        if targets is None:
+            return self.lm_head(h), None
+        flat_targets = targets.reshape(B * T)  # (B*T,)
+        if self.cfg.loss_impl == "fused":
+            from minilife.kernels.fused_linear_ce import fused_linear_cross_entropy  # lazy: triton
+
+            flat_h = h.reshape(B * T, C)  # (B, T, C) -> (B*T, C)
+            loss = fused_linear_cross_entropy(flat_h, self.lm_head.weight, flat_targets,
+                                              ignore_index=ignore_index, reduction=reduction)
+            return None, (loss.view(B, T) if reduction == "none" else loss)  # "none": (B*T,) -> (B, T)
+        logits = self.lm_head(h)  # (B, T, V)
+        flat_logits = logits.reshape(B * T, -1)  # (B*T, V)
+        if self.cfg.loss_impl == "triton":
+            from minilife.kernels.cross_entropy import cross_entropy  # lazy: triton
+
+            loss = cross_entropy(flat_logits, flat_targets, ignore_index=ignore_index, reduction=reduction)
+        else:
+            # upcast: bf16 logits lose too much in log-sum-exp
+            loss = F.cross_entropy(flat_logits.to(torch.promote_types(logits.dtype, torch.float32)), flat_targets,
+                                   ignore_index=ignore_index, reduction=reduction)
+        return logits, (loss.view(B, T) if reduction == "none" else loss)  # "none": (B*T,) -> (B, T)
+
+    # ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, use_cache: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample ``max_new_tokens`` continuations. idx: (B, T0) long -> (B, T0 + max_new_tokens).
+
+        temperature 0 = greedy (argmax); top_k keeps the k most likely tokens before sampling;
+        ``generator`` (on any device) makes sampling reproducible. Runs in eval mode (dropout off),
+        restoring the mode after. Without a cache the input is cropped to the last context_length tokens each step
+        (a sliding window); with a cache, once the window is full, decoding continues the same way
+        without the cache, so both paths give the same tokens.
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if top_k is not None and top_k <= 0:
+            raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
+        if idx.dim() != 2 or idx.shape[1] == 0:
+            raise ValueError(f"idx must be a non-empty (B, T0) tensor of token ids, got shape {tuple(idx.shape)}")
+        was_training = self.training
+        self.eval()
+        try:
+            return self._decode(idx, max_new_tokens, temperature, top_k, use_cache, generator)
+        finally:
+            self.train(was_training)
+
+    def _decode(self, idx, max_new_tokens, temperature, top_k, use_cache, generator) -> torch.Tensor:
+        """The decoding loop of ``generate``. idx: (B, T0) -> (B, T0 + max_new_tokens)."""
+        T_max = self.cfg.context_length
+        caches = None
+        if use_cache and idx.shape[1] < T_max:
+            p = self.lm_head.weight
+            caches = [KVCache(idx.shape[0], self.cfg.n_head, T_max, self.cfg.head_dim, p.device, p.dtype)
+                      for _ in self.blocks]
+        out, pending = idx, idx  # pending: tokens not yet fed to the cache
+        for _ in range(max_new_tokens):
+            if caches is not None and caches[0].length + pending.shape[1] <= T_max:
+                h = self.hidden(pending, caches=caches)  # (B, T_pending, C)
+            else:
+                caches = None
+                h = self.hidden(out[:, -T_max:])  # (B, min(T, T_max), C)
+            logits = self.lm_head(h[:, -1, :])  # (B, V)
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            next_id = self._sample(logits, temperature, top_k, generator)  # (B, 1)
+            out = torch.cat((out, next_id), dim=1)
+            pending = next_id
+        return out
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, temperature: float, top_k: int | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+        """logits: (B, V) -> next token ids (B, 1)."""
+        if temperature == 0:
+            return logits.argmax(dim=-1, keepdim=True)
+        logits = logits / temperature
+        if top_k is not None and top_k < logits.shape[-1]:
+            kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)  # (B, V)
+        if generator is not None and generator.device != probs.device:  # e.g. a CPU generator, CUDA model
+            return torch.multinomial(probs.cpu(), num_samples=1, generator=generator).to(probs.device)
+        return torch.multinomial(probs, num_samples=1, generator=generator)
+
+    # ----------------------------------------------------------------------------------------
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (a tied matrix once). non_embedding=True leaves out the token table, the
+        count Kaplan et al. (2020) use for scaling laws (an untied LM head is still counted)."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
+        return n - self.tok_emb.weight.numel() if non_embedding else n
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Two optimizer groups: 2-D weight matrices decay; norm gains, biases and the token
+        embedding (and a tied LM head, which is the same tensor) do not. Frozen parameters are left out."""
+        decay, no_decay, seen = [], [], set()
+        for name, p in self.named_parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (decay if p.dim() >= 2 and p is not self.tok_emb.weight else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]

@@ -1,0 +1,103 @@
+"""ch5_precision: format constants, fp16 gradient underflow and its rescue by loss scaling, bf16 without.
+
+References: the IEEE-754 binary16 / bfloat16 / binary32 definitions (max = (2 - 2^-m) * 2^emax,
+smallest normal 2^(1 - bias), smallest subnormal 2^(1 - bias - m), eps 2^-m), written here as
+numbers, and the fp32 gradient of the same batch.
+"""
+import numpy as np
+import pytest
+import torch
+
+from minilife.chapters import ch5_precision as P
+from minilife.chapters.loop import BatchSource
+from minilife.model.transformer import GPT, ModelConfig
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These models are too small to gain from a second thread; on a shared machine the hand-offs
+    between threads cost more than the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def smoke_data(tmp_path_factory):
+    """The smoke world (tokenizer + shards), built once per session at a path all chapter tests share."""
+    from minilife.chapters.ch2_data import ensure_data
+
+    return str(ensure_data(smoke=True, data_dir=str(tmp_path_factory.getbasetemp() / "loop_ch2_data_smoke")))
+
+
+def test_format_table_matches_ieee_definitions():
+    rows = {r["format"]: r for r in P.format_table()}
+    expected = {  # (exponent bits, mantissa bits, max, smallest normal, smallest subnormal, eps)
+        "fp16": (5, 10, (2 - 2 ** -10) * 2.0 ** 15, 2.0 ** -14, 2.0 ** -24, 2.0 ** -10),
+        "bf16": (8, 7, (2 - 2 ** -7) * 2.0 ** 127, 2.0 ** -126, 2.0 ** -133, 2.0 ** -7),
+        "fp32": (8, 23, (2 - 2 ** -23) * 2.0 ** 127, 2.0 ** -126, 2.0 ** -149, 2.0 ** -23),
+    }
+    for name, (e, m, mx, normal, sub, eps) in expected.items():
+        r = rows[name]
+        assert (r["exponent_bits"], r["mantissa_bits"]) == (e, m)
+        assert (r["max"], r["smallest_normal"], r["smallest_subnormal"], r["eps"]) == (mx, normal, sub, eps)  # exact
+
+
+@pytest.fixture(scope="module")
+def model_and_batch():
+    torch.manual_seed(0)
+    tokens = np.random.default_rng(0).integers(0, 128, 4000).astype(np.uint16)
+    model = GPT(ModelConfig.preset("micro", vocab_size=128, context_length=32))
+    return model, BatchSource(tokens, 4, 32, seed=0).micro_batch(0)
+
+
+def test_fp16_underflow_without_scaling_and_rescue_with_it(model_and_batch):
+    model, batch = model_and_batch
+    (row,), _ = P.underflow_table(model, batch, [16], 2.0 ** 16)
+    # gradients x 2^-16 sit mostly below fp16's smallest subnormal 6e-8: a large share flushes to zero
+    assert row["fp16"]["flushed_fraction"] > 0.1
+    # x 2^16 puts them back in range: nothing (beyond a rare exact cancellation) flushes
+    assert row["fp16_static_scale"]["flushed_fraction"] < 1e-3
+    assert row["fp16_static_scale"]["nonfinite_fraction"] == 0.0
+    assert row["fp16_static_scale"]["rel_error"] < 0.02  # fp16 rounding (eps 1e-3) through a backward pass
+    assert row["bf16"]["flushed_fraction"] < 1e-3  # bf16 keeps fp32's range
+    assert row["fp16_cast"]["flushed_fraction"] > 0.1  # the storage effect alone already loses most
+
+
+def test_static_scale_too_large_overflows(model_and_batch):
+    model, batch = model_and_batch
+    (row,), _ = P.underflow_table(model, batch, [0], 2.0 ** 30)
+    assert row["fp16_static_scale"]["nonfinite_fraction"] > 0  # x 2^30 pushes gradients past 65504
+
+
+def test_dynamic_scaler_skips_and_halves_then_grows():
+    p = torch.nn.Parameter(torch.zeros(3))
+    s = P.DynamicLossScaler(init_scale=8.0, growth_interval=2)
+    assert float(s.scale(torch.tensor(1.5))) == 12.0
+    p.grad = torch.tensor([8.0, float("inf"), 0.0])
+    ok = s.unscale_([p])
+    assert not ok
+    s.update(ok)
+    assert (s.scale_value, s.skipped) == (4.0, 1)
+    for _ in range(2):
+        p.grad = torch.tensor([4.0, 8.0, 0.0])
+        ok = s.unscale_([p])
+        assert ok and torch.equal(p.grad, torch.tensor([1.0, 2.0, 0.0]))
+        s.update(ok)
+    assert s.scale_value == 8.0  # two good steps -> doubled
+
+
+def test_main_smoke(smoke_data, tmp_path):
+    s = P.main(["--smoke", "--data-dir", smoke_data, "--out", str(tmp_path)])
+    by_e = {r["e"]: r for r in s["underflow"]}
+    assert by_e[16]["fp16"]["flushed_fraction"] > 0.1 and by_e[16]["fp16_static_scale"]["flushed_fraction"] < 1e-3
+    t = s["training"]
+    assert all(np.isfinite(v["last_loss"]) for v in t.values())
+    assert (tmp_path / "loss.png").is_file() and (tmp_path / "loss_scale.png").is_file()
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        P.main(["--help"])
+    assert e.value.code == 0 and "--static-scale-exponent" in capsys.readouterr().out

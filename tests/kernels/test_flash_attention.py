@@ -1,0 +1,237 @@
+"""Flash attention, both tiers, against float64 reference math.
+
+- ``flash_attention_torch`` (tiled, plain torch) and ``flash_attention`` (Triton) outputs, row
+  log-sum-exps and gradients dq, dk, dv are compared with ``attention_naive`` run in float64 on the
+  same (already rounded) inputs, and the LSE with ``torch.logsumexp``; ragged T (not a multiple of
+  the tile), several head dims, small tiles so the multi-tile loops and causal diagonal tiles run.
+- On CPU the Triton kernels run under ``TRITON_INTERPRET=1``; on a CUDA machine the same tests also
+  run the compiled kernels (the "cuda" cases; skipped with a reason where there is no CUDA).
+  Triton 3.9 reads TRITON_INTERPRET when ``@triton.jit`` *defines* a kernel (not at launch); our
+  kernels are defined lazily per mode, and ``_triton_mode`` sets the variable around each call.
+  It is also set here at import time, before anything imports triton, for other kernel modules.
+
+Tolerances (one error model for every dtype and tier, stated once):
+    err <= 8 * max(1, max|reference|) * (eps(dtype) + eps(fp32) * max|S|)
+where S are the scaled scores (computed in float64 here) and eps is machine epsilon.
+- eps(dtype): results are rounded to the storage dtype, and FA-2 also rounds P and dS to it before
+  the fp32-accumulated matmuls and computes D = rowsum(dO * O) from the rounded O (a few eps/2).
+- eps(fp32) * max|S|: scores are computed in fp32; a relative error eps in S is an error eps*|S|
+  inside exp(), so the softmax (and its gradient) inherit it scaled by the score magnitude.
+- 8: measured worst case is 3.1 in these units over 100 random cases (fp16/fp32, T <= 70,
+  D in 1..128, sm_scale up to 8x the default) -> >2x margin. A wrong mask, rescale or offset errs
+  by >= 1e-2, i.e. ~1e5 fp32 units.
+- float64 (torch tier only): eps(float64) in both places.
+"""
+import contextlib
+import os
+import sys
+import warnings
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before minilife.kernels can import triton
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import minilife.kernels as mk  # noqa: E402
+from minilife.kernels.flash_attention import flash_attention  # noqa: E402
+from minilife.kernels.flash_attention_torch import flash_attention_torch  # noqa: E402
+from minilife.kernels.reference import attention_naive  # noqa: E402
+
+EPS = {torch.float64: 2.0**-52, torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not HAS_CUDA, reason="no CUDA device: compiled Triton kernels are only tested on a GPU"))]
+
+
+@contextlib.contextmanager
+def _triton_mode(device: str):
+    """CPU tensors run the kernels in the interpreter; CUDA tensors run them compiled."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if device == "cpu" else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+def _inputs(B, H, T, D, dtype, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, d_out = (torch.randn(B, H, T, D, generator=gen).to(device, dtype) for _ in range(4))
+    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), d_out
+
+
+def _reference(q, k, v, d_out, causal, scale):
+    """float64 output, grads, LSE and max |score| of the same (rounded) inputs."""
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out = attention_naive(q64, k64, v64, causal=causal, sm_scale=scale)
+    grads = torch.autograd.grad(out, (q64, k64, v64), d_out.double())
+    T, D = q.shape[2], q.shape[3]
+    s = (q64 @ k64.transpose(-2, -1)).detach() * (D**-0.5 if scale is None else scale)  # (B, H, T, T)
+    s_max = s.abs().max().item()
+    if causal:
+        s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=s.device).tril(), float("-inf"))
+    return out.detach(), grads, torch.logsumexp(s, dim=-1), s_max
+
+
+def _assert_close(actual, expected, dtype, what, s_max):
+    acc_eps = EPS[torch.float64] if dtype == torch.float64 else EPS[torch.float32]
+    tol = 8 * max(1.0, expected.abs().max().item()) * (EPS[dtype] + acc_eps * s_max)  # module docstring
+    err = (actual.double() - expected).abs().max().item()
+    assert err <= tol, f"{what}: max |error| {err:.3g} > tolerance {tol:.3g} ({dtype}, max|S|={s_max:.3g})"
+
+
+def _check_against_reference(fn, B, H, T, D, dtype, device, causal, scale, seed):
+    q, k, v, d_out = _inputs(B, H, T, D, dtype, device, seed)
+    out, lse = fn(q, k, v, causal, scale)
+    grads = torch.autograd.grad(out, (q, k, v), d_out)
+    ref_out, ref_grads, ref_lse, s_max = _reference(q, k, v, d_out, causal, scale)
+    assert out.shape == q.shape and out.dtype == dtype and lse.shape == (B, H, T)
+    _assert_close(out, ref_out, dtype, "output", s_max)
+    _assert_close(lse, ref_lse, torch.float64 if dtype == torch.float64 else torch.float32, "logsumexp", s_max)
+    for name, g, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert g.dtype == dtype
+        _assert_close(g, ref, dtype, name, s_max)
+
+
+# scale: None (1/sqrt(D)) or 0.25x..4x that default, as a temperature would; scores stay O(10-20)
+SHAPES = dict(B=st.integers(1, 2), H=st.integers(1, 2), T=st.integers(1, 48), causal=st.booleans(),
+              scale_mult=st.one_of(st.none(), st.floats(0.25, 4.0)), seed=st.integers(0, 2**16))
+
+
+def _scale(scale_mult, D):
+    return None if scale_mult is None else scale_mult / D**0.5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(D=st.sampled_from([1, 16, 24, 32, 64, 128]), dtype=st.sampled_from([torch.float32, torch.float16]),
+       blocks=st.sampled_from([(16, 16), (16, 32), (32, 16), (64, 64)]), **SHAPES)
+def test_triton_matches_float64_reference(device, B, H, T, D, dtype, blocks, causal, scale_mult, seed):
+    def run(q, k, v, causal, scale):
+        return flash_attention(q, k, v, causal, scale, return_lse=True, blocks=blocks)
+
+    with _triton_mode(device):
+        _check_against_reference(run, B, H, T, D, dtype, device, causal, _scale(scale_mult, D), seed)
+
+
+@given(D=st.integers(1, 40), dtype=st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16]),
+       block_q=st.integers(3, 32), block_k=st.integers(3, 32), **SHAPES)
+def test_torch_tiled_matches_float64_reference(B, H, T, D, dtype, block_q, block_k, causal, scale_mult, seed):
+    def run(q, k, v, causal, scale):
+        return flash_attention_torch(q, k, v, causal, scale, block_q=block_q, block_k=block_k, return_lse=True)
+
+    _check_against_reference(run, B, H, T, D, dtype, "cpu", causal, _scale(scale_mult, D), seed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("D", [16, 32, 64, 128, 40])
+def test_triton_head_dims(device, D):
+    """The powers of two run unpadded; 40 is padded to 64 with masked loads."""
+    with _triton_mode(device):
+        run = lambda q, k, v, c, s: flash_attention(q, k, v, c, s, return_lse=True)  # noqa: E731
+        _check_against_reference(run, 1, 2, 33, D, torch.float32, device, True, None, seed=D)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T, causal", [(37, True), (20, False)])
+def test_triton_bfloat16(device, T, causal):
+    """bf16 storage: inputs, output and grads stay bf16 and match float64 within bf16 rounding.
+
+    The interpreter's tl.dot multiplies bf16 *bit patterns* (triton-lang/triton#11584), so under the
+    interpreter the kernels upcast bf16 tiles to fp32 right after loading (still rounding P and dS to
+    bf16 as the GPU path does); on CUDA the tiles go to the tensor cores as bf16.
+    """
+    with _triton_mode(device):
+        run = lambda q, k, v, c, s: flash_attention(q, k, v, c, s, return_lse=True, blocks=(16, 32))  # noqa: E731
+        _check_against_reference(run, 2, 2, T, 32, torch.bfloat16, device, causal, None, seed=T)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_matches_sdpa_and_non_contiguous_inputs(device):
+    """Second, independent reference (torch's SDPA, fp32); (B, T, H, D) views give the same answer."""
+    with _triton_mode(device):
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(3, 2, 29, 4, 16, generator=gen).to(device)  # (3 [q k v], B, T, H, D)
+        q, k, v = (t.transpose(1, 2) for t in x)  # (B, H, T, D) views, not contiguous
+        assert not q.is_contiguous()
+        out = flash_attention(q, k, v, causal=True, blocks=(16, 16))
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        s_max = (q @ k.transpose(-2, -1)).abs().max().item() / 4  # scores at the default 1/sqrt(16)
+        _assert_close(out, ref.double(), torch.float32, "output vs SDPA", s_max)  # SDPA fp32 errs too: ~same size
+        # the kernel copies to contiguous first: same data, same deterministic kernel -> same bits
+        same = flash_attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True, blocks=(16, 16))
+        assert torch.equal(out, same)
+
+
+def test_fallback_when_triton_cannot_run_on_cpu(monkeypatch):
+    """CPU without TRITON_INTERPRET: one RuntimeWarning, then the torch tier's exact result."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(mk, "_WARNED", set())
+    q, k, v, _ = _inputs(1, 2, 21, 16, torch.float32, "cpu", seed=3)
+    assert not mk.interpreting() and not mk.triton_runnable("cpu")
+    with pytest.warns(RuntimeWarning, match="TRITON_INTERPRET=1.*falling back to flash_attention_torch"):
+        out = flash_attention(q, k, v)
+    assert torch.equal(out, flash_attention_torch(q, k, v))  # it *is* the torch tier: identical bits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second call must not warn again
+        flash_attention(q, k, v)
+
+
+def test_fallback_when_triton_is_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes find_spec return None, import fail
+    monkeypatch.setattr(mk, "_WARNED", set())
+    assert not mk.triton_available() and not mk.triton_runnable("cpu")
+    with pytest.raises(ImportError, match="need the 'triton' package"):
+        mk.import_triton()
+    q, k, v, _ = _inputs(1, 1, 9, 16, torch.float32, "cpu", seed=4)
+    with pytest.warns(RuntimeWarning, match="'triton' package is not installed"):
+        out = flash_attention(q, k, v, causal=False)
+    assert torch.equal(out, flash_attention_torch(q, k, v, causal=False))
+
+
+def test_interpreting_and_runnable_follow_the_environment(monkeypatch):
+    for value, expected in (("1", True), ("true", True), ("0", False), ("", False)):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert mk.interpreting() is expected and mk.triton_runnable("cpu") is expected
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not mk.interpreting()
+    assert not mk.triton_runnable("meta")  # neither CUDA nor CPU: never runnable
+    assert mk.triton_runnable(torch.device("cuda")) is HAS_CUDA
+
+
+@pytest.mark.parametrize("make, err, match", [
+    (lambda q: (q.double(), q.double(), q.double()), TypeError, "q has dtype float64; supported"),
+    (lambda q: (q.long(), q, q), TypeError, "q has dtype int64"),
+    (lambda q: (q, q.half(), q), TypeError, "must share a dtype"),
+    (lambda q: (q[0], q, q), ValueError, r"q must be 4-D \(B, H, T, D\)"),
+    (lambda q: (q, q[:, :, :5], q), ValueError, "same shape"),
+    (lambda q: (q, q, q.to("meta")), ValueError, "one device"),
+    (lambda q: (q[:, :, :0], q[:, :, :0], q[:, :, :0]), ValueError, "must be > 0"),
+    (lambda q: (torch.zeros(1, 1, 4, 256),) * 3, ValueError, "head dim D=256 is larger than the supported 128"),
+    ("blocks", ValueError, "blocks must be two powers of two >= 16"),
+])
+def test_bad_inputs_raise_clear_errors(make, err, match):
+    q = torch.zeros(1, 2, 8, 16)
+    with pytest.raises(err, match=match):
+        if make == "blocks":
+            flash_attention(q, q, q, blocks=(16, 24))
+        else:
+            flash_attention(*make(q))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU with ~40 GB: 2^31+ elements per tensor")
+def test_triton_int64_offsets_past_2_to_31_elements():
+    """B*H*T*D > 2^31: the (batch, head) base offset must be int64, or the last heads read garbage."""
+    B, H, T, D = 33, 128, 4096, 128  # 2.2e9 elements per tensor, fp16
+    with _triton_mode("cuda"):
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.float16, generator=gen) for _ in range(3))
+        out = flash_attention(q, k, v, causal=True)
+        last = attention_naive(*(t[-1:, -1:].double() for t in (q, k, v)), causal=True)
+        s_max = (q[-1, -1].double() @ k[-1, -1].double().T).abs().max().item() * D**-0.5
+        _assert_close(out[-1:, -1:], last, torch.float16, "output of the last (batch, head)", s_max)
