@@ -17,7 +17,7 @@ GPU (when one is present; the device name is recorded):
 Method: both sides in one process on the same inputs; one warm-up call each, then ``--repeats``
 interleaved rounds (order alternating); min and median of the wall times (CUDA synchronised).
 Peak memory: CUDA allocator peak above the inputs; on CPU the live-tensor-bytes count of
-``peak_tensor_bytes`` (see ``minilife/chapters/ch5_kernels.py`` for the method). Prints a markdown
+``peak_tensor_bytes`` (method: ``peak_memory_bytes`` in ``minilife/kernels/fused_linear_ce.py``). Prints a markdown
 table; ``--json`` also writes the rows.
 """
 from __future__ import annotations
@@ -32,10 +32,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minilife.chapters.ch5_kernels import bench_loss, markdown_table  # noqa: E402
+from minilife.chapters.ch5_kernels import markdown_table  # noqa: E402
 from minilife.common import pick_device, write_json_atomic  # noqa: E402
 from minilife.kernels import triton_available  # noqa: E402
 from minilife.kernels.flash_attention import bench_attention  # noqa: E402
+from minilife.kernels.fused_linear_ce import bench_loss  # noqa: E402
 
 # (case prefix, metric, ours, reference) -> the largest ratio ours/reference that meets the goal
 GOALS = {

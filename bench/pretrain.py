@@ -110,9 +110,9 @@ def model_flops_per_token(cfg: ModelConfig) -> float:
     return 6 * n_matmul + 12 * cfg.n_layer * cfg.context_length * c
 
 
-def matmul_peak(n: int, repeats: int) -> float:
-    """Best FLOP/s of an (n, n) @ (n, n) fp32 matmul."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(n: int, repeats: int, dtype: torch.dtype = torch.float32) -> float:
+    """Best FLOP/s of an (n, n) @ (n, n) matmul in ``dtype``."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = math.inf
     for _ in range(repeats):
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--context-length", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--vocab-size", type=int, default=2048)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast sides")
     p.add_argument("--quick", action="store_true", help="tiny shapes and 2 repeats (a smoke check)")
@@ -187,21 +187,26 @@ def main(argv: list[str] | None = None) -> dict:
     for name, step in steps.items():
         for _ in range(a.warmup):
             step(x, y)
-    peak = matmul_peak(2048 if not a.quick else 512, 5)
+    n_peak = 2048 if not a.quick else 512
+    peak = {"fp32": matmul_peak(n_peak, 5), "bf16": 0.0 if a.no_bf16 else matmul_peak(n_peak, 5, torch.bfloat16)}
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(a.repeats):
         for name, step in steps.items():  # interleaved
             t0 = time.perf_counter()
             step(x, y)
             times[name].append(time.perf_counter() - t0)
-    peak = max(peak, matmul_peak(2048 if not a.quick else 512, 5))  # measured before and after, best kept
+    for prec in peak:  # measured before and after the timed steps, best kept
+        if peak[prec]:
+            peak[prec] = max(peak[prec], matmul_peak(n_peak, 5, torch.float32 if prec == "fp32" else torch.bfloat16))
     tps = {n: {"min": tokens / max(t), "median": tokens / statistics.median(t), "max": tokens / min(t)}
            for n, t in times.items()}
     flops_tok = model_flops_per_token(cfg)
 
-    print("\n| side | tokens/s (worst) | tokens/s (median) | tokens/s (best) | MFU (median) |\n|---|---|---|---|---|")
+    print("\n| side | tokens/s (worst) | tokens/s (median) | tokens/s (best) | MFU (median, vs same-dtype matmul peak) |"
+          "\n|---|---|---|---|---|")
     for n, v in tps.items():
-        print(f"| {n} | {v['min']:.0f} | {v['median']:.0f} | {v['max']:.0f} | {v['median'] * flops_tok / peak:.2f} |")
+        print(f"| {n} | {v['min']:.0f} | {v['median']:.0f} | {v['max']:.0f} | "
+              f"{v['median'] * flops_tok / peak[sides[n][1]]:.2f} |")
 
     def ratio(a_: str, b_: str) -> dict:
         """Speed of a_ over speed of b_: from each side's fastest step, and from each side's median."""
@@ -216,8 +221,9 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n| ratio of speeds (> 1: first is faster) | from fastest steps (min time) | from medians |\n|---|---|---|")
     for n, r in ratios.items():
         print(f"| {n} | {r['min']:.3f} | {r['median']:.3f} |")
-    mfu = tps["minilife sdpa fp32"]["median"] * flops_tok / peak
-    print(f"\nfp32 matmul peak (2048^3, best of 10): {peak / 1e9:.1f} GFLOP/s; model FLOPs/token {flops_tok / 1e6:.1f} M")
+    mfu = tps["minilife sdpa fp32"]["median"] * flops_tok / peak["fp32"]
+    print(f"\nmatmul peak ({n_peak}^3, best of 10): fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} "
+          f"GFLOP/s; model FLOPs/token {flops_tok / 1e6:.1f} M")
     print(f"minilife sdpa fp32 MFU (median) = {mfu:.2f} (goal >= 0.6); "
           f"ratio vs reference (median) = {ratios['minilife sdpa / reference (fp32)']['median']:.3f} (goal >= 0.95)")
     return {"tokens_per_s": tps, "ratios": ratios, "mfu": mfu, "peak_flops": peak, "flops_per_token": flops_tok}

@@ -200,6 +200,8 @@ def memory_bill(model: Union[ModelConfig, int, float], opts: MemoryOptions = Mem
     (Activations are counted as for full fine-tuning: LoRA still backpropagates through every layer.)"""
     cfg = model if isinstance(model, ModelConfig) else None
     n = param_count(cfg) if cfg is not None else int(model)
+    if n < 1:
+        raise ValueError(f"memory_bill: model must be a ModelConfig or a parameter count >= 1, got {model!r}")
     trainable = n if opts.trainable_params is None else int(opts.trainable_params)
     if not opts.include_activations:
         act = 0.0
@@ -252,6 +254,8 @@ NOTES_SCENARIOS = {
 
 def train_flops(n_params: float, tokens: float) -> float:
     """Training FLOPs ~= 6 N D (forward 2 N per token, backward 4 N)."""
+    if not (n_params >= 0 and tokens >= 0):
+        raise ValueError(f"train_flops: n_params={n_params} and tokens={tokens} must be >= 0")
     return 6.0 * n_params * tokens
 
 
@@ -281,6 +285,9 @@ def chinchilla_tokens(n_params: float, tokens_per_param: float = 20.0) -> float:
 
 def chinchilla_optimal(compute_flops: float, tokens_per_param: float = 20.0) -> tuple[float, float]:
     """(N, D) spending ``compute_flops`` = 6 N D with D = 20 N: N = sqrt(C / (6 * 20))."""
+    if not (compute_flops >= 0 and tokens_per_param > 0):  # a bare "math domain error" otherwise
+        raise ValueError(f"chinchilla_optimal: compute_flops={compute_flops} must be >= 0 and "
+                         f"tokens_per_param={tokens_per_param} > 0")
     n = math.sqrt(compute_flops / (6.0 * tokens_per_param))
     return n, tokens_per_param * n
 

@@ -268,6 +268,13 @@ def plot_lines(path: str | os.PathLike, series: Mapping[str, tuple[Iterable[floa
     return path
 
 
+def markdown_table(rows: Sequence[Mapping[str, Any]], cols: Sequence[str], digits: int = 4) -> str:
+    """Rows (dicts) as a markdown table over ``cols``; floats with ``digits`` significant digits."""
+    cell = lambda v: f"{v:.{digits}g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
+    return "\n".join(lines + ["| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |" for r in rows])
+
+
 def fmt_count(n: float) -> str:
     """Human-readable count: 1234 -> '1.23k', 7e9 -> '7.00G'."""
     for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):

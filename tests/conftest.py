@@ -7,7 +7,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
+
+# Triton fixes interpreted-vs-compiled once per process, at `import triton`: decide it here, before any
+# test module imports a kernel. Without CUDA the kernels run under the CPU interpreter; with CUDA the
+# same tests run the compiled kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])

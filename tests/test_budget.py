@@ -154,6 +154,13 @@ def test_memory_options_errors_name_the_field():
         memory_bill(7e9, MemoryOptions())
     with pytest.raises(ValueError, match="'fused' or 'autograd'"):
         budget.activation_terms(ModelConfig.preset("micro"), 8, kind="textbook")
+    # negative sizes: a clear error, not "math domain error" or a negative bill
+    with pytest.raises(ValueError, match="chinchilla_optimal: compute_flops=-1"):
+        budget.chinchilla_optimal(-1.0)
+    with pytest.raises(ValueError, match="train_flops: n_params=-7"):
+        budget.train_flops(-7, 1e9)
+    with pytest.raises(ValueError, match="memory_bill: model must be"):
+        memory_bill(-5, MemoryOptions(include_activations=False))
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,8 +34,8 @@ from tqdm import tqdm
 
 from minilife import budget
 from minilife.budget import GB, MemoryOptions, memory_bill
-from minilife.common import (MetricsLogger, chapter_dir, cli_field, config_from_args, fmt_count, pick_device,
-                             seed_everything, write_json_atomic)
+from minilife.common import (MetricsLogger, chapter_dir, cli_field, config_from_args, fmt_count,
+                             markdown_table, pick_device, seed_everything, write_json_atomic)
 from minilife.model.transformer import GPT, ModelConfig
 from minilife.optim.adamw import AdamW
 
@@ -78,14 +78,6 @@ class BudgetConfig:
             raise ValueError(f"--seq must be >= 1, got {self.seq}")
         if not 0 < self.mfu <= 1:
             raise ValueError(f"--mfu must be in (0, 1], got {self.mfu}")
-
-
-def table(rows: list[dict], cols: list[str]) -> str:
-    """A markdown table of ``rows`` (dicts) restricted to ``cols``; floats printed with 4 significant digits."""
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def bill_row(name: str, bill: budget.MemoryBill, **extra) -> dict:
@@ -153,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "V": m.vocab_size, "tied": m.tie_embeddings, "params": n, "matmul params": budget.matmul_param_count(m)})
         log.log(table="params", **rows[-1])
     print("\n## 1. Parameters (exact for our architecture: RMSNorm, SwiGLU, RoPE, no biases)\n")
-    print(table(rows, ["model", "L", "C", "H", "F", "V", "tied", "params", "matmul params"]))
+    print(markdown_table(rows, ["model", "L", "C", "H", "F", "V", "tied", "params", "matmul params"]))
     print("GPT-2-small itself has 124,439,808: learned positions, biases and LayerNorm betas we do not have.")
 
     # 2. memory bills -------------------------------------------------------------------------
@@ -175,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         log.log(table="memory", precision=cfg.precision, **r)
     cols = ["model", "params", "weights", "grads", "master", "moments", "activations", "total", "B/param"]
-    print(table(rows, cols))
+    print(markdown_table(rows, cols))
     print(f"LoRA trains {fmt_count(lora.trainable)} parameters: gradients and moments shrink to almost nothing, "
           "the frozen weights and the activations stay.")
 
@@ -199,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         log.log(table="notes", **r)
     print()
-    print(table(rows, cols + ["notes"]))
+    print(markdown_table(rows, cols + ["notes"]))
     print(f"With a Llama-2-7B shape, batch 1 x 2048 tokens, the fused-minimum activations in bf16 come to "
           f"{budget.activation_bytes(LLAMA2_7B, batch=1, seq=2048) / GB:.1f} GB -- the order of the notes' stated 8 GB.")
     rows = [{"size": fmt_count(n), "notes 004 GPU memory (GB)": g, "implied bytes/param": round(g * GB / n, 2)}
@@ -207,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         log.log(table="notes004", **r)
     print("\nNotes 004's size table, read as bytes per parameter:\n")
-    print(table(rows, list(rows[0])))
+    print(markdown_table(rows, list(rows[0])))
     print("~7-8 B/param is the all-16-bit bill (weights + grads + moments, 8 B) without activations -- less than "
           "fp32 Adam needs (12-16 B), so that table assumes 16-bit states, 8-bit optimizers or sharding.")
 
@@ -229,13 +221,13 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         r["ratio"] = round(r["measured"] / r["predicted"], 4)
         log.log(table="measured", **r)
-    print(table(rows, ["item", "predicted", "measured", "ratio"]))
+    print(markdown_table(rows, ["item", "predicted", "measured", "ratio"]))
     if meas["other_state"]:
         print(f"(+ {meas['other_state']} bytes of step-counter tensors the optimizer keeps besides the moments)")
     print("\nWhy autograd keeps more than the fused minimum (elements per token per layer):")
     fused = budget.activation_terms(tiny, seq, "fused")
     auto = budget.activation_terms(tiny, seq, "autograd")
-    print(table([{"kind": "fused", "term": t, "elements": n, "why": w} for t, n, w in fused]
+    print(markdown_table([{"kind": "fused", "term": t, "elements": n, "why": w} for t, n, w in fused]
                 + [{"kind": "autograd", "term": t, "elements": n, "why": w} for t, n, w in auto],
                 ["kind", "term", "elements", "why"]))
     print(f"Total per layer per token: fused {sum(n for _, n, _ in fused)}, autograd {sum(n for _, n, _ in auto)}. "
@@ -253,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
         r["ratio to counter"] = round(r["flops"] / meas["counted_flops"], 4)
         log.log(table="flops", **r)
     print(f"\n## 4. FLOPs of one training step ({tokens} tokens)\n")
-    print(table(rows, ["count", "flops", "ratio to counter"]))
+    print(markdown_table(rows, ["count", "flops", "ratio to counter"]))
     share = lambda m, t: budget.flops_per_token(m, t)["attention"] / budget.flops_per_token(m, t)["total"]  # noqa: E731
     print(f"6 N D misses the attention matmuls (12 L T C per token, growing with T): {share(tiny, seq):.1%} of the "
           f"step here, {share(LLAMA2_7B, 4096):.1%} for the 7B shape at T=4096. The counter checks the exact count.")
@@ -277,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append({"job": name, "N": fmt_count(n), "tokens": fmt_count(d), "flops": flops,
                      "gpu_hours": tc["gpu_hours"], "wall_days": tc["wall_days"], "usd": tc["usd"]})
         log.log(table="cost", **rows[-1])
-    print(table(rows, ["job", "N", "tokens", "flops", "gpu_hours", "wall_days", "usd"]))
+    print(markdown_table(rows, ["job", "N", "tokens", "flops", "gpu_hours", "wall_days", "usd"]))
     notes_usd = budget.train_time_cost(budget.train_flops(7e9, 1e12), peak_flops=312e12, mfu=1.0)["usd"]
     print(f"Notes 000's cost function divides by the full 312 TFLOP/s (MFU 1.0) at $2.50: ${notes_usd:,.0f} for "
           f"7B x 1T tokens; its comment's '$2-5M' is {2e6 / notes_usd:.0f}-{5e6 / notes_usd:.0f}x what that formula "

@@ -56,7 +56,7 @@ from minilife.checkpoint import (CheckpointError, NonFiniteLossError, latest_che
 from minilife.common import (MetricsLogger, chapter_dir, cli_field, config_from_args, fmt_count, pick_device,
                              plot_lines, read_jsonl, seed_everything, write_json_atomic)
 from minilife.data.bpe import Tokenizer
-from minilife.model.transformer import GPT, ModelConfig
+from minilife.model.transformer import GPT, PRESETS, ModelConfig
 from minilife.optim.adamw import AdamW
 from minilife.optim.schedule import warmup_cosine_lr
 
@@ -64,7 +64,7 @@ CHAPTER = "ch2_pretrain"
 
 # Defaults that differ between the real run and --smoke; a flag left at None takes them.
 _DEFAULTS = {
-    False: dict(n_layer=4, n_head=4, n_embd=128, context_length=128, batch_size=16, max_steps=600,
+    False: dict(n_layer=4, n_head=4, n_embd=128, context_length=128, batch_size=16, max_steps=500,
                 warmup_steps=40, eval_every=100, eval_batches=16, ckpt_every=100),
     True: dict(n_layer=2, n_head=2, n_embd=64, context_length=64, batch_size=8, max_steps=30,
                warmup_steps=5, eval_every=10, eval_batches=4, ckpt_every=10),
@@ -90,7 +90,7 @@ class PretrainConfig:
     objective: Literal["causal", "prefix", "mlm"] = cli_field("causal", "training objective")
     batch_size: Optional[int] = cli_field(None, "sequences per micro-batch B (default 16; smoke 8)")
     grad_accum: int = cli_field(1, "micro-batches per optimizer step")
-    max_steps: Optional[int] = cli_field(None, "optimizer steps (default 600; smoke 30)")
+    max_steps: Optional[int] = cli_field(None, "optimizer steps (default 500; smoke 30)")
     lr: float = cli_field(3e-3, "peak learning rate")
     min_lr: float = cli_field(3e-4, "learning rate at the end of the cosine")
     warmup_steps: Optional[int] = cli_field(None, "linear warmup steps (default 40; smoke 5)")
@@ -103,8 +103,8 @@ class PretrainConfig:
     eval_batches: Optional[int] = cli_field(None, "val micro-batches per evaluation (default 16; smoke 4)")
     ckpt_every: Optional[int] = cli_field(None, "steps between checkpoints (default 100; smoke 10)")
     keep_checkpoints: int = cli_field(2, "numbered checkpoints kept (last.pt always points at the newest)")
-    prompt: str = cli_field("The ", "prompt for sample generations")
-    sample_tokens: int = cli_field(48, "tokens to generate per sample")
+    prompt: str = cli_field("From:", "prompt for sample generations")
+    sample_tokens: int = cli_field(48, "tokens to generate per sample (at each evaluation and at the end)")
     plots: bool = cli_field(True, "write loss / LR / grad-norm PNGs at the end")
     resume: bool = cli_field(False, "continue from the run dir's last checkpoint")
     stop_after: Optional[int] = cli_field(None, "stop (as if killed) once this many steps are done")
@@ -123,15 +123,17 @@ class PretrainConfig:
             raise ValueError(f"need 0 <= --min-lr <= --lr and --lr > 0, got lr={self.lr} min_lr={self.min_lr}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset {self.preset!r}: choose one of {sorted(PRESETS)}")
+        max_steps = self.max_steps if self.max_steps is not None else _DEFAULTS[self.smoke]["max_steps"]
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps <= max_steps:
+            raise ValueError(f"--warmup-steps {self.warmup_steps} must be in [0, --max-steps {max_steps}]")
 
     def resolved(self) -> "PretrainConfig":
         """A copy with every None size/schedule flag replaced by its default (smoke or real)."""
         fills = {k: v for k, v in _DEFAULTS[self.smoke].items() if getattr(self, k) is None}
-        max_steps = fills.get("max_steps", self.max_steps)
-        if "warmup_steps" in fills:
-            fills["warmup_steps"] = min(fills["warmup_steps"], max_steps)  # a short run warms up less
-        elif self.warmup_steps > max_steps:
-            raise ValueError(f"--warmup-steps {self.warmup_steps} is longer than --max-steps {max_steps}")
+        if "warmup_steps" in fills:  # a short run warms up less
+            fills["warmup_steps"] = min(fills["warmup_steps"], fills.get("max_steps", self.max_steps))
         return dataclasses.replace(self, **fills)
 
 
@@ -180,6 +182,9 @@ def main(argv: list[str] | None = None) -> dict:
     cfg: PretrainConfig = config_from_args(PretrainConfig, argv, prog=f"python -m minilife.chapters.{CHAPTER}")
     cfg = cfg.resolved()
     out = chapter_dir(CHAPTER, cfg.smoke, cfg.out)
+    if cfg.resume and latest_checkpoint(out) is None:
+        raise CheckpointError(f"--resume: no checkpoint in {out} (ckpt_step*.pt / last.pt); "
+                              f"run without --resume to start fresh")
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
 
@@ -213,9 +218,6 @@ def main(argv: list[str] | None = None) -> dict:
     start_step, last_good = 0, None
     if cfg.resume:
         last_good = latest_checkpoint(out)
-        if last_good is None:
-            raise CheckpointError(f"--resume: no checkpoint in {out} (ckpt_step*.pt / last.pt); "
-                                  f"run without --resume to start fresh")
         state = load_checkpoint(last_good, model=model, optimizer=optimizer, config=identity,
                                 map_location=device)
         start_step = state["step"]
@@ -227,15 +229,17 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[{CHAPTER}] note: {out} holds checkpoints of an earlier run; starting fresh (use --resume to continue)")
 
     def save(step: int) -> Path:
-        path = save_rotating(out, step=step, keep_last=cfg.keep_checkpoints, model=model, optimizer=optimizer,
+        return save_rotating(out, step=step, keep_last=cfg.keep_checkpoints, model=model, optimizer=optimizer,
                              config=identity, data_state={"micro_batches": step * cfg.grad_accum},
                              extra={"train": dataclasses.asdict(cfg), "data_dir": str(data_dir),
                                     "finished": step >= cfg.max_steps})
-        return path
 
-    # 4. the loop
+    # 4. the loop (a resumed run keeps its log up to the checkpoint; later rows were lost with the crash)
     model.train()
-    logger = MetricsLogger(out / "metrics.jsonl", resume=cfg.resume)
+    kept = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r and r["step"] <= start_step] if cfg.resume else []
+    logger = MetricsLogger(out / "metrics.jsonl")
+    for r in kept:
+        logger.log(**r)
     end_step = min(cfg.max_steps, cfg.stop_after) if cfg.stop_after is not None else cfg.max_steps
     val_loss, train_time, trained_tokens = float("nan"), 0.0, 0
     bar = tqdm(range(start_step, end_step), initial=start_step, total=cfg.max_steps, desc=CHAPTER,
@@ -264,6 +268,9 @@ def main(argv: list[str] | None = None) -> dict:
                 row.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
                 tqdm.write(f"step {done:5d}  train {res.loss:.3f}  val {val_loss:.3f} (ppl {math.exp(val_loss):.1f})  "
                            f"unigram {unigram:.3f}  grad-norm {res.grad_norm:.2f}  lr {lr:.2e}")
+                if cfg.objective != "mlm" and cfg.sample_tokens > 0:  # what the model writes at this point
+                    row["sample"] = sample_text(model, tokenizer, cfg.prompt, cfg.sample_tokens, seed=cfg.seed)
+                    tqdm.write(f"           sample: {row['sample']!r}")
             logger.log(**row)
             bar.set_postfix(loss=f"{res.loss:.3f}", refresh=False)
             if done % cfg.ckpt_every == 0 or done == end_step:

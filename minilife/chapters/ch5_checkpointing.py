@@ -67,7 +67,7 @@ class CheckpointingConfig:
     gc_preset: Optional[str] = cli_field(None, "preset of the gradient-checkpointing measurement (default tiny; smoke micro)")
     gc_batch_size: int = cli_field(8, "sequences in the gradient-checkpointing step")
     gc_context_length: Optional[int] = cli_field(None, "tokens per sequence there (default 128; smoke 64)")
-    gc_repeats: Optional[int] = cli_field(None, "timed repeats per side, interleaved (default 5; smoke 2)")
+    gc_repeats: Optional[int] = cli_field(None, "timed repeats per side, interleaved (default 15; smoke 2)")
 
     def __post_init__(self):
         if self.steps is not None and self.steps < 2:
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--kill-at {kill_at} must be smaller than --steps {steps}")
     gc_preset = cfg.gc_preset or ("micro" if cfg.smoke else "tiny")
     gc_t = cfg.gc_context_length or (64 if cfg.smoke else 128)
-    repeats = cfg.gc_repeats or (2 if cfg.smoke else 5)
+    repeats = cfg.gc_repeats or (2 if cfg.smoke else 15)
     out = chapter_dir(CHAPTER, cfg.smoke, cfg.out)
     device = pick_device(cfg.device)
     data_dir, tokenizer, train_tokens, _ = load_data(cfg.smoke, cfg.data_dir)

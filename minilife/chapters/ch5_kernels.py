@@ -9,8 +9,9 @@ What it does (read ``main`` top to bottom)
 2. Memory: peak memory of one forward + backward, naive vs tiled/fused, swept over the vocabulary V
    (materialised logits vs the fused head + loss) and over the sequence length T (naive attention vs
    torch-tiled flash attention). Plots ``memory_vs_vocab.png`` and ``attention_memory_vs_T.png``.
-3. Timings, only with a GPU: Triton kernels vs torch's fused ops (``bench_loss`` below and
-   ``minilife.kernels.flash_attention.bench_attention``); on a CPU they say "n/a".
+3. Timings, only with a GPU: Triton kernels vs torch's fused ops (``bench_loss`` in
+   ``minilife.kernels.fused_linear_ce``, ``bench_attention`` in ``minilife.kernels.flash_attention``);
+   on a CPU they say "n/a".
 
 How memory is measured. On CUDA: ``torch.cuda.max_memory_allocated`` minus what was allocated before.
 On CPU torch keeps no allocator statistics, so ``peak_tensor_bytes`` (in
@@ -33,10 +34,8 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -45,13 +44,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from minilife.common import (MetricsLogger, chapter_dir, cli_field, config_from_args, pick_device, plot_lines,
-                             seed_everything, write_json_atomic)
+from minilife.common import (MetricsLogger, chapter_dir, cli_field, config_from_args, markdown_table,
+                             pick_device, plot_lines, seed_everything, write_json_atomic)
 from minilife.kernels import interpreting, triton_available
 from minilife.kernels.cross_entropy import cross_entropy
 from minilife.kernels.flash_attention import bench_attention, flash_attention
-from minilife.kernels.flash_attention_torch import flash_attention_torch, peak_tensor_bytes
-from minilife.kernels.fused_linear_ce import fused_linear_cross_entropy
+from minilife.kernels.flash_attention_torch import flash_attention_torch
+from minilife.kernels.fused_linear_ce import (bench_loss, fused_linear_cross_entropy, loss_sides,
+                                              peak_memory_bytes)
 from minilife.kernels.reference import attention_naive, cross_entropy_naive
 
 CHAPTER = "ch5_kernels"
@@ -67,27 +67,24 @@ class KernelsConfig:
     seed: int = cli_field(0, "seed for all random inputs")
     device: str = cli_field("auto", "auto | cpu | cuda")
     interpret: bool = cli_field(True, "with no GPU, run the Triton tiers in Triton's interpreter (small sizes)")
-    tokens: Optional[int] = cli_field(None, "tokens N in the vocabulary sweep (default 1024; smoke 64)")
+    tokens: Optional[int] = cli_field(None, "tokens N in the vocabulary sweep (default 2048; smoke 64)")
     hidden: Optional[int] = cli_field(None, "hidden size C in the vocabulary sweep (default 256; smoke 16)")
     vocabs: Optional[list[int]] = cli_field(None, "vocabularies V swept (default 2048 8192 32768 50257)")
     chunk: Optional[int] = cli_field(None, "rows per chunk of the fused loss in the sweep (default N/8)")
     seq_lens: Optional[list[int]] = cli_field(None, "sequence lengths T swept for attention (default 256 512 1024)")
 
+    def __post_init__(self):
+        for name in ("tokens", "hidden", "chunk"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.vocabs is not None and (not self.vocabs or min(self.vocabs) < 2):
+            raise ValueError(f"--vocabs needs one or more sizes >= 2, got {self.vocabs}")
+        if self.seq_lens is not None and (not self.seq_lens or min(self.seq_lens) < 1):
+            raise ValueError(f"--seq-lens needs one or more lengths >= 1, got {self.seq_lens}")
+
 
 # ------------------------------------------------------------------------------------------------
-# measuring helpers
-
-
-def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
-    """Peak bytes allocated while ``fn()`` runs, above what existed before (method: module docstring)."""
-    if device.type != "cuda":
-        return peak_tensor_bytes(fn)
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - base
+# helpers
 
 
 def _grads(out: torch.Tensor, inputs: tuple, upstream: Optional[torch.Tensor] = None) -> tuple:
@@ -180,8 +177,9 @@ def triton_rows_in_interpreter(attn_kw: dict, loss_kw: dict) -> list[dict]:
     make the interpreter fail. A fresh interpreter-mode process avoids that and leaves this one on
     the fast torch paths.
     """
+    root = str(Path(__file__).resolve().parents[2])  # the directory holding the minilife package
     env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     code = ("import json, sys, torch; from minilife.chapters.ch5_kernels import triton_rows; "
             "print(json.dumps(triton_rows(torch.device('cpu'), *json.loads(sys.argv[1]))))")
     res = subprocess.run([sys.executable, "-c", code, json.dumps([attn_kw, loss_kw])], env=env,
@@ -214,88 +212,17 @@ def parity(device, triton_mode: str, attn_kw: dict, loss_kw: dict) -> list[dict]
     return sorted(rows, key=place)
 
 
-def markdown_table(rows: list[dict], cols: list[str]) -> str:
-    """Rows (dicts) as a markdown table over ``cols``; floats with 3 significant digits."""
-    cell = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
-    out = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
-    return "\n".join(out + ["| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |" for r in rows])
-
-
 # ------------------------------------------------------------------------------------------------
-# 2. memory (and the timing helper the benchmark shares)
-
-
-def _loss_sides(N: int, V: int, C: int, dtype, device, chunk: Optional[int] = None,
-                seed=0) -> dict[str, Callable[[], object]]:
-    """Forward + backward closures: the fused head + loss (``chunk`` rows per chunk, default rule if
-    None), and linear then F.cross_entropy."""
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(N, C, generator=g).to(device, dtype).requires_grad_(True)
-    weight = (torch.randn(V, C, generator=g) / C**0.5).to(device, dtype).requires_grad_(True)
-    targets = torch.randint(0, V, (N,), generator=g).to(device)
-    fused = lambda: fused_linear_cross_entropy(hidden, weight, targets, chunk_size=chunk)  # noqa: E731
-    return {"fused": lambda: torch.autograd.grad(fused(), (hidden, weight)),
-            "materialised": lambda: torch.autograd.grad(F.cross_entropy(hidden @ weight.t(), targets),
-                                                        (hidden, weight))}
-
-
-def _ce_sides(N: int, V: int, dtype, device, seed=0) -> dict[str, Callable[[], object]]:
-    """Forward + backward closures on (N, V) logits: Triton cross_entropy and F.cross_entropy."""
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(N, V, generator=g).to(device, dtype).requires_grad_(True)
-    targets = torch.randint(0, V, (N,), generator=g).to(device)
-    return {"triton": lambda: torch.autograd.grad(cross_entropy(logits, targets), (logits,)),
-            "torch": lambda: torch.autograd.grad(F.cross_entropy(logits, targets), (logits,))}
-
-
-def compare(case: str, ours: str, ref: str, sides: dict, device, repeats: int) -> list[dict]:
-    """Time ``ours`` vs ``ref`` (one warm-up each, then ``repeats`` interleaved rounds, order alternating)
-    and measure their peak memory; rows as in ``bench_attention`` (ratio = ours / reference)."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    times: dict[str, list[float]] = {ours: [], ref: []}
-    peaks: dict[str, list[float]] = {ours: [], ref: []}
-    for name in (ours, ref):
-        sides[name]()  # warm-up: compiles kernels, touches the allocator
-    for r in range(repeats):
-        for name in ((ours, ref) if r % 2 == 0 else (ref, ours)):
-            sync()
-            t0 = time.perf_counter()
-            sides[name]()
-            sync()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    for name in (ours, ref):  # separately, so the CPU counter's bookkeeping never enters a timing
-        peaks[name].append(peak_bytes(sides[name], device) / MiB)
-    rows = []
-    for metric, values in (("time_ms", times), ("peak_MiB", peaks)):
-        o_min, o_med = min(values[ours]), statistics.median(values[ours])
-        r_min, r_med = min(values[ref]), statistics.median(values[ref])
-        rows.append(dict(case=case, metric=metric, ours=ours, reference=ref, ours_min=o_min, ours_median=o_med,
-                         ref_min=r_min, ref_median=r_med, ratio_min=o_min / r_min, ratio_median=o_med / r_med))
-    return rows
-
-
-def bench_loss(device, *, tokens: int, vocab: int, hidden: int, dtype, repeats: int,
-               triton_ce: bool) -> list[dict]:
-    """Fused linear + CE vs materialised (and, if ``triton_ce``, Triton CE vs F.cross_entropy)."""
-    tag = f"{str(dtype)[6:]} {device.type}"
-    rows = compare(f"linear + CE fwd+bwd N={tokens} C={hidden} V={vocab} {tag}", "fused", "materialised",
-                   _loss_sides(tokens, vocab, hidden, dtype, device), device, repeats)
-    if triton_ce:
-        rows += compare(f"cross-entropy fwd+bwd N={tokens} V={vocab} {tag}", "triton", "torch",
-                        _ce_sides(tokens, vocab, dtype, device), device, repeats)
-    return rows
+# 2. memory
 
 
 def memory_sweep_vocab(device, N: int, C: int, vocabs: list[int], chunk: int) -> list[dict]:
     rows = []
     for V in tqdm(vocabs, desc="memory vs V", leave=False):
-        sides = _loss_sides(N, V, C, torch.float32, device, chunk)
-        fused, mat = (peak_bytes(sides[k], device) / MiB for k in ("fused", "materialised"))
-        rows.append({"V": V, "N": N, "C": C, "chunk": chunk, "materialised_MiB": round(mat, 2), "fused_MiB": round(fused, 2),
-                     "logits_MiB": round(N * V * 4 / MiB, 2), "ratio": round(fused / mat, 3)})
+        sides = loss_sides(N, V, C, torch.float32, device, chunk)
+        fused, mat = (peak_memory_bytes(sides[k], device) / MiB for k in ("fused", "materialised"))
+        rows.append({"V": V, "N": N, "C": C, "chunk": chunk, "logits_MiB": round(N * V * 4 / MiB, 2),
+                     "materialised_MiB": round(mat, 2), "fused_MiB": round(fused, 2), "ratio": round(fused / mat, 3)})
     return rows
 
 
@@ -305,10 +232,10 @@ def memory_sweep_attention(device, T_list: list[int], B=1, H=4, D=32) -> list[di
         g = torch.Generator().manual_seed(T)
         q, k, v = (torch.randn(B, H, T, D, generator=g).to(device).requires_grad_(True) for _ in range(3))
         run = lambda f: lambda: torch.autograd.grad(f(q, k, v).sum(), (q, k, v))  # noqa: E731
-        naive = peak_bytes(run(lambda a, b, c: attention_naive(a, b, c, causal=True)), device) / MiB
-        tiled = peak_bytes(run(lambda a, b, c: flash_attention_torch(a, b, c, causal=True)), device) / MiB
-        rows.append({"T": T, "B": B, "H": H, "D": D, "naive_MiB": round(naive, 2), "flash_torch_MiB": round(tiled, 2),
-                     "ratio": round(tiled / naive, 3)})
+        naive = peak_memory_bytes(run(lambda a, b, c: attention_naive(a, b, c, causal=True)), device) / MiB
+        tiled = peak_memory_bytes(run(lambda a, b, c: flash_attention_torch(a, b, c, causal=True)), device) / MiB
+        rows.append({"T": T, "B": B, "H": H, "D": D, "naive_MiB": round(naive, 2),
+                     "flash_torch_MiB": round(tiled, 2), "ratio": round(tiled / naive, 3)})
     return rows
 
 
@@ -327,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
         triton_mode = "interpreter"
     else:
         triton_mode = "n/a"
-    N = cfg.tokens or (64 if cfg.smoke else 1024)
+    N = cfg.tokens or (64 if cfg.smoke else 2048)
     C = cfg.hidden or (16 if cfg.smoke else 256)
     vocabs = cfg.vocabs or ([256, 1024, 4096] if cfg.smoke else [2048, 8192, 32768, 50257])
     seq_lens = cfg.seq_lens or ([64, 128] if cfg.smoke else [256, 512, 1024])
@@ -343,34 +270,38 @@ def main(argv: list[str] | None = None) -> dict:
         attn_kw = dict(T=512, D=64, seed=cfg.seed)
         loss_kw = dict(N=2048, V=32000, C=64, chunk=500, seed=cfg.seed)
     else:
-        attn_kw = dict(T=32 if cfg.smoke else 48, D=16, seed=cfg.seed)
-        loss_kw = dict(N=32 if cfg.smoke else 64, V=300 if cfg.smoke else 1000, C=16 if cfg.smoke else 32,
-                       chunk=24, seed=cfg.seed)
+        attn_kw = dict(T=32 if cfg.smoke else 80, D=16 if cfg.smoke else 32, seed=cfg.seed)
+        loss_kw = dict(N=32 if cfg.smoke else 128, V=300 if cfg.smoke else 2000, C=16 if cfg.smoke else 64,
+                       chunk=24 if cfg.smoke else 48, seed=cfg.seed)
     parity_rows = parity(device, triton_mode, attn_kw, loss_kw)
     for r in parity_rows:
         log.log(section="parity", **r)
     print(markdown_table(parity_rows, ["op", "tier", "out_err", "grad_err"]))
 
     # 2. memory ------------------------------------------------------------------------------------
-    print(f"\n2. Peak memory of forward + backward ({'cuda allocator' if cuda else 'live tensor bytes, dispatch-mode count'})")
+    method = "cuda allocator" if cuda else "live tensor bytes, dispatch-mode count"
+    print(f"\n2. Peak memory of forward + backward ({method})")
     # a fixed chunk shows how each side grows with V (the default rule would pick one chunk -- no
     # saving, and none needed -- while a chunk's logits are under 16M elements)
     chunk = cfg.chunk or max(1, N // 8)
     vocab_rows = memory_sweep_vocab(device, N, C, vocabs, chunk)
     for r in vocab_rows:
         log.log(section="memory_vocab", **r)
-    print(markdown_table(vocab_rows, ["V", "N", "C", "chunk", "logits_MiB", "materialised_MiB", "fused_MiB", "ratio"]))
+    print(markdown_table(vocab_rows, ["V", "N", "C", "chunk", "logits_MiB", "materialised_MiB", "fused_MiB",
+                                      "ratio"]))
     attn_mem = memory_sweep_attention(device, seq_lens)
     for r in attn_mem:
         log.log(section="memory_attention", **r)
     print(markdown_table(attn_mem, ["T", "B", "H", "D", "naive_MiB", "flash_torch_MiB", "ratio"]))
+    col = lambda rows, key: [r[key] for r in rows]  # noqa: E731
     plot_lines(out_dir / "memory_vs_vocab.png",
-               {"linear + F.cross_entropy (materialised)": ([r["V"] for r in vocab_rows], [r["materialised_MiB"] for r in vocab_rows]),
-                "fused linear + CE": ([r["V"] for r in vocab_rows], [r["fused_MiB"] for r in vocab_rows])},
-               title=f"peak memory, fwd+bwd, N={N} C={C} chunk={chunk}", xlabel="vocabulary V", ylabel="MiB", logy=True)
+               {"linear + F.cross_entropy (materialised)": (vocabs, col(vocab_rows, "materialised_MiB")),
+                "fused linear + CE": (vocabs, col(vocab_rows, "fused_MiB"))},
+               title=f"peak memory, fwd+bwd, N={N} C={C} chunk={chunk}", xlabel="vocabulary V", ylabel="MiB",
+               logy=True)
     plot_lines(out_dir / "attention_memory_vs_T.png",
-               {"naive attention": ([r["T"] for r in attn_mem], [r["naive_MiB"] for r in attn_mem]),
-                "flash attention (torch tiles)": ([r["T"] for r in attn_mem], [r["flash_torch_MiB"] for r in attn_mem])},
+               {"naive attention": (seq_lens, col(attn_mem, "naive_MiB")),
+                "flash attention (torch tiles)": (seq_lens, col(attn_mem, "flash_torch_MiB"))},
                title="peak memory, causal attention fwd+bwd", xlabel="sequence length T", ylabel="MiB", logy=True)
 
     # 3. timings (GPU only) --------------------------------------------------------------------------
@@ -381,7 +312,8 @@ def main(argv: list[str] | None = None) -> dict:
                               hidden=512 if cfg.smoke else 2048, dtype=torch.bfloat16, repeats=3, triton_ce=True)
         for r in timings:
             log.log(section="timing", **r)
-        print(markdown_table(timings, ["case", "metric", "ours", "reference", "ours_min", "ref_min", "ratio_min", "ratio_median"]))
+        print(markdown_table(timings, ["case", "metric", "ours", "reference", "ours_min", "ref_min", "ratio_min",
+                                       "ratio_median"]))
     else:
         timings = "n/a (no GPU): the interpreter's speed says nothing about a GPU's; see bench/kernels.py"
         print(f"\n3. Timings: {timings}")

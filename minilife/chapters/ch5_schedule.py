@@ -4,10 +4,14 @@ What it implements
 - Warmup vs no warmup at a high peak LR, the same model, data and cosine decay otherwise. At step 0
   Adam's moments hold one noisy gradient and its update is about lr * sign(g) for *every* weight;
   at a high LR that kicks the freshly initialised network out of its basin and the loss spikes (or
-  goes NaN). A linear warmup (Goyal et al. 2017) reaches the same peak without the spike. The spike is
-  measured as the largest rise of the training loss above its best value so far.
-- Reduce-on-plateau (``PlateauScheduler``): a constant LR halved whenever the validation loss stops
-  improving by a relative threshold for ``patience`` evaluations, beside warmup + cosine.
+  goes NaN). A linear warmup (Goyal et al. 2017) reaches the same peak without the spike. Reported:
+  the highest loss after step 1 (above the untrained model's ~ln V means worse than guessing) and the
+  largest rise of the loss above its best value so far. Clipping is off by default for this pair
+  (it caps the first updates too, hiding part of the effect). Whether the run recovers afterwards
+  depends on the model: this small pre-norm net does, so the final losses are printed as measured.
+- Reduce-on-plateau (``PlateauScheduler``): start at a peak LR too high to keep improving; whenever
+  the validation loss misses a relative improvement of ``threshold`` over its best for more than
+  ``patience`` evaluations, the LR halves. Beside it, warmup + cosine to the same peak.
 - Early stopping on validation loss (``EarlyStopping``): a model trained on a small slice of the
   data overfits -- training loss keeps falling while validation loss turns up. The run goes on for
   the whole budget so the curve after the stopping point is visible; the step where patience ran
@@ -48,15 +52,16 @@ class ScheduleConfig:
     batch_size: int = cli_field(8, "sequences per step")
     context_length: Optional[int] = cli_field(None, "tokens per sequence (default 64; smoke 32)")
     steps: Optional[int] = cli_field(None, "steps per run (default 200; smoke 8)")
-    high_lr: float = cli_field(2e-2, "peak LR of the warmup / no-warmup pair")
+    high_lr: float = cli_field(0.1, "peak LR of the warmup / no-warmup pair")
     warmup_steps: Optional[int] = cli_field(None, "warmup length (default steps/5)")
     grad_clip: float = cli_field(0.0, "global-norm clipping in the warmup pair (0 = off: clipping hides part of the spike)")
-    plateau_lr: float = cli_field(3e-3, "starting LR of the reduce-on-plateau run (and peak of its cosine neighbour)")
+    plateau_lr: float = cli_field(5e-2, "starting LR of the reduce-on-plateau run (and peak of its cosine neighbour)")
     plateau_patience: int = cli_field(1, "evaluations without improvement before the LR is halved")
-    plateau_threshold: float = cli_field(0.01, "relative improvement that counts")
+    plateau_threshold: float = cli_field(0.01, "relative val-loss improvement over the best that counts as progress")
     eval_every: Optional[int] = cli_field(None, "steps between validation evaluations (default 10; smoke 2)")
     eval_batches: int = cli_field(4, "validation batches per evaluation")
     overfit_tokens: int = cli_field(3000, "early stopping: train on only the first N training tokens")
+    overfit_lr: float = cli_field(3e-3, "early stopping: peak LR (warmup + cosine)")
     stop_patience: int = cli_field(3, "early stopping patience (evaluations)")
 
 
@@ -87,6 +92,11 @@ def run(model: GPT, source: BatchSource, steps: int, lr_at: Callable[[int], floa
                 new_lr = on_eval(step + 1, v)
                 override = new_lr if new_lr is not None else override
     return hist
+
+
+def at(values: list[float], i: int) -> float:
+    """values[i], or NaN for a run that diverged before recording it."""
+    return values[i] if -len(values) <= i < len(values) else math.nan
 
 
 def spike(losses: list[float]) -> float:
@@ -124,12 +134,12 @@ def main(argv: list[str] | None = None) -> dict:
     for name, w in (("no warmup", 0), (f"warmup {warmup}", warmup)):
         runs[name] = run(fresh(), train, steps, lambda s, w=w: warmup_cosine_lr(
             s, max_lr=cfg.high_lr, warmup_steps=w, total_steps=steps, min_lr=cfg.high_lr / 10), grad_clip=cfg.grad_clip)
-    print(f"\n| peak LR {cfg.high_lr:g} | loss at step 1 | largest rise above best-so-far | final loss | diverged |"
-          f"\n|---|---|---|---|---|")
+    print(f"\n| peak LR {cfg.high_lr:g} | loss at step 1 (untrained) | highest loss after it | largest rise above "
+          f"best-so-far | final loss | diverged |\n|---|---|---|---|---|---|")
     for name, h in runs.items():
         logger.log(part="warmup", run=name, **h)
-        print(f"| {name} | {h['loss'][0]:.3f} | {spike(h['loss']):.3f} | {h['loss'][-1]:.3f} | "
-              f"{'at step ' + str(h['diverged_at']) if h['diverged_at'] is not None else 'no'} |")
+        print(f"| {name} | {at(h['loss'], 0):.3f} | {max(h['loss'][1:], default=math.nan):.3f} | {spike(h['loss']):.3f} | "
+              f"{at(h['loss'], -1):.3f} | {'at step ' + str(h['diverged_at']) if h['diverged_at'] is not None else 'no'} |")
     plot_lines(out / "warmup.png", {n: (h["step"], h["loss"]) for n, h in runs.items()},
                title=f"peak LR {cfg.high_lr:g}: with and without warmup", xlabel="step", ylabel="train loss")
 
@@ -147,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n| schedule | final val loss | LR at the end | LR reductions |\n|---|---|---|---|")
     for name, h in sched.items():
         logger.log(part="plateau", run=name, **h)
-        print(f"| {name} | {h['val_loss'][-1]:.3f} | {h['lr'][-1]:.2e} | "
+        print(f"| {name} | {at(h['val_loss'], -1):.3f} | {at(h['lr'], -1):.2e} | "
               f"{plateau.num_reductions if name == 'reduce on plateau' else '-'} |")
     plot_lines(out / "plateau_val.png", {n: (h["val_step"], h["val_loss"]) for n, h in sched.items()},
                title="validation loss", xlabel="step", ylabel="val loss")
@@ -171,16 +181,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     overfit_model = fresh()
     h = run(overfit_model, small, steps, lambda s: warmup_cosine_lr(
-        s, max_lr=cfg.plateau_lr, warmup_steps=warmup, total_steps=steps, min_lr=cfg.plateau_lr / 10),
+        s, max_lr=cfg.overfit_lr, warmup_steps=warmup, total_steps=steps, min_lr=cfg.overfit_lr / 10),
         grad_clip=1.0, val=val, eval_every=eval_every, eval_batches=cfg.eval_batches, on_eval=watch)
     logger.log(part="early_stopping", **h, best_step=stopper.best_step, stop_step=stop_at)
     logger.close()
-    final_val = h["val_loss"][-1]
-    overfit_model.load_state_dict(best_state)  # what early stopping hands on: the best weights
-    restored_val = evaluate(overfit_model, val, cfg.eval_batches)
+    final_val = at(h["val_loss"], -1)
+    restored_val = math.nan
+    if best_state:
+        overfit_model.load_state_dict(best_state)  # what early stopping hands on: the best weights
+        restored_val = evaluate(overfit_model, val, cfg.eval_batches)
     print(f"\n[{CHAPTER}] early stopping (train on the first {cfg.overfit_tokens} tokens, patience {cfg.stop_patience}): "
           f"best val {stopper.best:.3f} at step {stopper.best_step}; patience ran out at step "
-          f"{stop_at if stop_at is not None else '- (never)'}; training on to step {h['step'][-1]} "
+          f"{stop_at if stop_at is not None else '- (never)'}; training on to step {at(h['step'], -1)} "
           f"ends at val {final_val:.3f}; the restored best weights evaluate to {restored_val:.3f}")
     plot_lines(out / "early_stopping.png", {"train loss": (h["step"], h["loss"]),
                                             "val loss": (h["val_step"], h["val_loss"])},
@@ -189,9 +201,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     summary = {
         "chapter": CHAPTER, "steps": steps,
-        "warmup": {n: {"spike": spike(r["loss"]), "final_loss": r["loss"][-1], "diverged_at": r["diverged_at"]}
+        "warmup": {n: {"first_loss": at(r["loss"], 0), "max_loss_after_first": max(r["loss"][1:], default=None),
+                       "spike": spike(r["loss"]), "final_loss": at(r["loss"], -1), "diverged_at": r["diverged_at"]}
                    for n, r in runs.items()},
-        "plateau": {n: {"final_val_loss": r["val_loss"][-1], "final_lr": r["lr"][-1]} for n, r in sched.items()},
+        "plateau": {n: {"final_val_loss": at(r["val_loss"], -1), "final_lr": at(r["lr"], -1)} for n, r in sched.items()},
         "plateau_reductions": plateau.num_reductions,
         "early_stopping": {"best_step": stopper.best_step, "best_val_loss": stopper.best, "stop_step": stop_at,
                            "final_val_loss": final_val, "restored_val_loss": restored_val},

@@ -72,6 +72,7 @@ class BatchSource:
         self.mask_id, self.vocab_size, self.special_ids = mask_id, vocab_size, tuple(special_ids)
 
     def micro_batch(self, index: int) -> ObjectiveBatch:
+        """Micro-batch ``index``: inputs, targets (B, T) long on ``device`` (+ the objective's attention args)."""
         g = torch.Generator().manual_seed((self.seed * 4 + self.stream) * 1_000_000_007 + index)
         x, y = get_batch(self.tokens, self.batch_size, self.context_length, device="cpu", generator=g)  # (B, T)
         window = torch.cat([x, y[:, -1:]], dim=1)  # (B, T+1): y is x shifted by one

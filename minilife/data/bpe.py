@@ -57,6 +57,11 @@ class TokenizerFileError(ValueError):
     """A tokenizer file that is not valid JSON, not ours, or of an unknown version (names the file)."""
 
 
+def _check_str(text: object, where: str) -> None:
+    if not isinstance(text, str):  # bytes/None would fail deep inside regex or tiktoken
+        raise TypeError(f"Tokenizer.{where}: text must be a str, got {type(text).__name__}")
+
+
 def _fix_surrogates(text: str) -> str:
     """Lone surrogates cannot be UTF-8 encoded; replace them with U+FFFD exactly as tiktoken does."""
     try:
@@ -164,6 +169,7 @@ class Tokenizer:
 
     def encode(self, text: str, allowed_special: AllowedSpecial = "none") -> list[int]:
         """Readable pure-Python encoder: ``text`` -> token ids (specials only if allowed)."""
+        _check_str(text, "encode")
         allowed = self._allowed(allowed_special)
         ids: list[int] = []
         for chunk in self._split_specials(_fix_surrogates(text), allowed):
@@ -192,6 +198,7 @@ class Tokenizer:
 
     def encode_fast(self, text: str, allowed_special: AllowedSpecial = "none") -> list[int]:
         """Same ids as ``encode``, computed by tiktoken."""
+        _check_str(text, "encode_fast")
         enc = self.to_tiktoken()
         if allowed_special == "none":
             return enc.encode_ordinary(text)

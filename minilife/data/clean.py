@@ -36,6 +36,8 @@ from typing import Literal, Sequence
 
 import regex
 
+from minilife.data.minhash import _check_text
+
 # ----------------------------------------------------------------------------------------------
 # normalisation
 
@@ -47,6 +49,7 @@ def normalise(text: str, form: Literal["NFC", "NFKC"] = "NFC") -> str:
     """Canonical Unicode form and tidy whitespace (see the module docstring for every step)."""
     if form not in ("NFC", "NFKC"):
         raise ValueError(f"normalise: form must be 'NFC' or 'NFKC', got {form!r}")
+    _check_text(text, "normalise: text")
     text = _INVISIBLE.sub("", _SPACES.sub(" ", text.replace("\r\n", "\n").replace("\r", "\n")))
     text = unicodedata.normalize(form, text)  # after the removals, which can un-normalise a sequence
     text = re.sub(r" *\n *", "\n", re.sub(" {2,}", " ", text))
@@ -152,7 +155,7 @@ def _dup_ngram_chars(words: list[str], n: int, total: int) -> float:
 def gopher_stats(text: str, rules: GopherRules | None = None) -> dict[str, float]:
     """Every quantity the Gopher rules look at, measured on ``text``."""
     rules = rules or GopherRules()
-    words = text.split()
+    words = _check_text(text, "gopher_stats: text").split()
     n = len(words)
     real = [w for w in words if any(c.isalnum() for c in w)]  # not a lone '|', '-', '&' ...
     lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
@@ -222,6 +225,7 @@ def find_pii(text: str) -> dict[str, list[str]]:
     """The PII strings in ``text`` by kind, in order; e-mails first, then IPs, then phones on what is left
     (so an address or an IP is never read as a phone number)."""
     found: dict[str, list[str]] = {}
+    _check_text(text, "find_pii: text")
     for kind in ("email", "ip", "phone"):
         found[kind] = [m.group(0) for m in PII_PATTERNS[kind].finditer(text)]
         text = PII_PATTERNS[kind].sub(MASKS[kind], text)
@@ -231,6 +235,7 @@ def find_pii(text: str) -> dict[str, list[str]]:
 def mask_pii(text: str) -> tuple[str, dict[str, int]]:
     """Replace every e-mail, IPv4 and phone number by its mask -> (masked text, count per kind)."""
     counts = {}
+    _check_text(text, "mask_pii: text")
     for kind in ("email", "ip", "phone"):
         text, counts[kind] = PII_PATTERNS[kind].subn(MASKS[kind], text)
     return text, counts

@@ -233,6 +233,8 @@ def _segment_minima(x: np.ndarray, starts: np.ndarray, num_perm: int, seed: int,
 def signatures(texts: Sequence[str], num_perm: int = 128, ngram: int = 5, seed: int = 0,
                family: str = "multiply_shift") -> np.ndarray:
     """MinHash signatures of many texts -> (N, P) uint64, vectorised over batches of texts."""
+    if isinstance(texts, str):  # would silently give one signature per character
+        raise TypeError("signatures: texts must be a sequence of str (a list, not one str)")
     permutation_params(num_perm, seed, family)  # validate before the heavy work
     texts, sigs = list(texts), [np.zeros((0, num_perm), np.uint64)]
     for lo in range(0, len(texts), _BATCH_TEXTS):  # bounded memory: ~50 bytes per input byte

@@ -217,6 +217,9 @@ def get_batch(data: np.ndarray, batch_size: int, context_length: int, device: st
                          f"{type(data).__name__} with shape {getattr(data, 'shape', None)}")
     if not np.issubdtype(data.dtype, np.integer):
         raise ValueError(f"get_batch: data has dtype {data.dtype}, expected an integer dtype")
+    for name, value in (("batch_size", batch_size), ("context_length", context_length)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"get_batch: {name}={value!r} must be an int")
     if batch_size < 1 or context_length < 1:
         raise ValueError(f"get_batch: batch_size={batch_size} and context_length={context_length} "
                          f"must be >= 1")

@@ -12,11 +12,12 @@ What it implements
 
 What it leaves out: kernels for MPS/ROCm-specific paths (Triton's AMD backend may work but is untested).
 
-About ``TRITON_INTERPRET``: Triton (3.x, checked on 3.9) reads the variable when a ``@triton.jit``
-function is *created* (``triton.jit`` returns an ``InterpretedFunction`` instead of a ``JITFunction``
-when it is set), so it must be set before the module defining the kernels is imported. Our kernel
-modules define their kernels lazily on first launch, so setting it any time before the first kernel
-call works; tests still set it before importing anything, which is the safe order.
+About ``TRITON_INTERPRET`` (checked on triton 3.9): triton reads it when a ``@triton.jit`` function
+is *defined* (``triton.jit`` then returns an ``InterpretedFunction`` instead of a ``JITFunction``),
+and triton's own library (``tl.max``, ``tl.sum``, ``tl.cdiv``...) is defined that way when ``triton``
+is first imported. So the mode is fixed for the whole process at the first ``import triton``: set it
+before that (tests do it at the top of the module, before importing minilife.kernels). Our kernel
+modules import triton lazily and raise a clear error if the variable changed after they were loaded.
 """
 from __future__ import annotations
 

@@ -1,15 +1,16 @@
-"""Cross-entropy over a large vocabulary as two Triton kernels (forward and backward), one row each.
+"""Cross-entropy over a large vocabulary as two Triton kernels (forward and backward).
 
 What it implements
 - ``cross_entropy(logits (N, V), targets (N,), ignore_index=-100, reduction="mean",
   label_smoothing=0.0, num_tokens=None)``: an ``autograd.Function`` with the semantics of
   ``F.cross_entropy`` for class-index targets, plus ``num_tokens`` (below).
-- Forward kernel, one program per row: a single pass over the vocabulary in blocks of ``BLOCK_V``
-  keeps a running max ``m`` and a running sum ``s = sum_j exp(x_j - m)`` (rescaled by
-  ``exp(m_old - m_new)`` when the max grows: the "online softmax" of Milakov & Gimelshein 2018), so
+- Forward kernel, one program per block of ``ROWS`` rows (1 row for a big vocabulary; several when
+  V is small, so a tile still holds ~4k elements): a single pass over the vocabulary in blocks of
+  ``BLOCK_V`` keeps per row a running max ``m`` and a running sum ``s = sum_j exp(x_j - m)`` (rescaled
+  by ``exp(m_old - m_new)`` when the max grows: the "online softmax" of Milakov & Gimelshein 2018), so
   ``lse = m + log s`` costs one read of the row and no (N, V) temporary. It saves ``lse`` (N,) and
   ``rest = 1 - p_target`` (N,) for the backward pass.
-- Backward kernel, one program per row: ``dL/dx_j = scale_i * (p_j - q_j)`` with
+- Backward kernel, same tiling, one more read and one write: ``dL/dx_j = scale_i * (p_j - q_j)`` with
   ``p = exp(x - lse)`` recomputed from the saved ``lse`` and ``q = (1 - eps) * onehot(t) + eps / V``
   the smoothed target, ``scale_i`` = upstream gradient / denominator (0 for ignored rows).
 - Label smoothing as in ``F.cross_entropy`` (Szegedy et al. 2016, sec. 7):
@@ -33,7 +34,7 @@ Numerical care (each is tested against float64 math)
 
 Where Triton cannot run (CPU without ``TRITON_INTERPRET=1``, MPS, no triton) the same two steps run
 as plain torch (``_forward_rows_torch`` / ``_backward_rows_torch``: same formulas, same saved
-tensors) after a one-time warning. Non-contiguous rows are handled through the row stride; a
+tensors) after a one-time warning; ``with pure_torch():`` selects that path on purpose. Non-contiguous rows are handled through the row stride; a
 column stride other than 1 is copied with ``.contiguous()``.
 
 What it leaves out: class weights, probability ("soft") targets, z-loss, computing the gradient in
@@ -42,13 +43,14 @@ use); ``minilife.kernels.fused_linear_ce`` avoids the logits altogether instead.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Union
 
 import torch
 
 from minilife.kernels import import_triton, interpreting, triton_runnable, warn_once
 
-__all__ = ["cross_entropy"]
+__all__ = ["cross_entropy", "pure_torch", "use_triton"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # A program handles a tile of ROWS rows x BLOCK_V columns per loop step: BLOCK_V is the next power of
@@ -61,6 +63,24 @@ MAX_BLOCK_V_INTERPRETED, MAX_ROWS_INTERPRETED = 16384, 8
 _SERIES_BELOW = 1e-3
 
 _KERNELS: dict[bool, dict] = {}  # interpreting? -> kernels (Triton reads the flag when @jit runs)
+_FORCE_TORCH = False
+
+
+@contextlib.contextmanager
+def pure_torch():
+    """Inside this block the losses here and in fused_linear_ce take their pure-torch path even where
+    Triton can run (to compare the two paths; no warning is given for it)."""
+    global _FORCE_TORCH
+    old, _FORCE_TORCH = _FORCE_TORCH, True
+    try:
+        yield
+    finally:
+        _FORCE_TORCH = old
+
+
+def use_triton(device: torch.device) -> bool:
+    """Take the Triton path on ``device``? (it can run there, and ``pure_torch`` is not active)"""
+    return not _FORCE_TORCH and triton_runnable(device)
 
 
 def _build_kernels() -> dict:
@@ -170,7 +190,7 @@ def _forward_rows_triton(logits, targets, ignore_index, eps):
     N, V = logits.shape
     loss, lse, rest = (torch.empty(N, dtype=torch.float32, device=logits.device) for _ in range(3))
     rows, block, warps = _launch_config(N, V)
-    _kernels()["forward"][(triton_cdiv(N, rows),)](
+    _kernels()["forward"][(-(-N // rows),)](
         logits, logits.stride(0), targets, loss, lse, rest, N, V, ignore_index, eps,
         ROWS=rows, BLOCK_V=block, SMOOTHING=eps > 0.0, num_warps=warps)
     return loss, lse, rest
@@ -179,14 +199,10 @@ def _forward_rows_triton(logits, targets, ignore_index, eps):
 def _backward_rows_triton(logits, targets, lse, rest, row_scale, ignore_index, eps, out):
     N, V = logits.shape
     rows, block, warps = _launch_config(N, V)
-    _kernels()["backward"][(triton_cdiv(N, rows),)](
+    _kernels()["backward"][(-(-N // rows),)](
         logits, logits.stride(0), out, out.stride(0), targets, lse, rest, row_scale,
         row_scale.stride(0), N, V, ignore_index, eps, ROWS=rows, BLOCK_V=block, num_warps=warps)
     return out
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 def _forward_rows_torch(logits, targets, ignore_index, eps):
@@ -228,22 +244,22 @@ def _backward_rows_torch(logits, targets, lse, rest, row_scale, ignore_index, ep
 
 
 def forward_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, eps: float,
-                 use_triton: Optional[bool] = None):
+                 triton: Optional[bool] = None):
     """Per-row loss (N,), lse (N,) and rest = 1 - p_target (N,), all float32 (0 loss at ignored rows).
 
     logits (N, V) with unit column stride, targets (N,) validated. Triton where it runs, else torch
-    (``use_triton``: the caller's decision, default ``triton_runnable(logits.device)``).
+    (``triton``: the caller's decision, default ``use_triton(logits.device)``).
     """
     if logits.shape[0] == 0:
         empty = torch.zeros(0, dtype=torch.float32, device=logits.device)
         return empty, empty.clone(), empty.clone()
-    if triton_runnable(logits.device) if use_triton is None else use_triton:
+    if use_triton(logits.device) if triton is None else triton:
         return _forward_rows_triton(logits, targets, ignore_index, eps)
     return _forward_rows_torch(logits, targets, ignore_index, eps)
 
 
 def backward_rows(logits, targets, lse, rest, row_scale, ignore_index: int, eps: float,
-                  out: Optional[torch.Tensor] = None, use_triton: Optional[bool] = None) -> torch.Tensor:
+                  out: Optional[torch.Tensor] = None, triton: Optional[bool] = None) -> torch.Tensor:
     """Gradient of sum_i row_scale_i * loss_i wrt logits (N, V), written into ``out`` (default: new).
 
     row_scale (N,) float (any stride, 0 allowed). ``out`` may be ``logits`` itself (in place).
@@ -252,7 +268,7 @@ def backward_rows(logits, targets, lse, rest, row_scale, ignore_index: int, eps:
         out = torch.empty_like(logits)
     if logits.shape[0] == 0:
         return out
-    if triton_runnable(logits.device) if use_triton is None else use_triton:
+    if use_triton(logits.device) if triton is None else triton:
         return _backward_rows_triton(logits, targets, lse, rest, row_scale, ignore_index, eps, out)
     return _backward_rows_torch(logits, targets, lse, rest, row_scale, ignore_index, eps, out)
 
@@ -308,9 +324,10 @@ def mean_denominator(targets: torch.Tensor, ignore_index: int, num_tokens: Optio
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, ignore_index, reduction, eps, num_tokens):
-        loss_rows, lse, rest = forward_rows(logits, targets, ignore_index, eps)  # (N,) each
+        triton = use_triton(logits.device)  # one decision for forward and backward
+        loss_rows, lse, rest = forward_rows(logits, targets, ignore_index, eps, triton)  # (N,) each
         ctx.save_for_backward(logits, targets, lse, rest)
-        ctx.options = (ignore_index, reduction, eps)
+        ctx.options = (ignore_index, reduction, eps, triton)
         if reduction == "none":
             return loss_rows
         if reduction == "sum":
@@ -321,7 +338,7 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         logits, targets, lse, rest = ctx.saved_tensors
-        ignore_index, reduction, eps = ctx.options
+        ignore_index, reduction, eps, triton = ctx.options
         N = logits.shape[0]
         grad_out = grad_out.float()
         if reduction == "none":
@@ -330,7 +347,7 @@ class _CrossEntropy(torch.autograd.Function):
             row_scale = grad_out.expand(N)  # (N,), stride 0
         else:
             row_scale = (grad_out / ctx.denominator).expand(N)  # (N,), stride 0
-        grad = backward_rows(logits, targets, lse, rest, row_scale, ignore_index, eps)
+        grad = backward_rows(logits, targets, lse, rest, row_scale, ignore_index, eps, triton=triton)
         return grad, None, None, None, None, None
 
 
@@ -356,7 +373,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     n_tok = check_options(fn, reduction, label_smoothing, num_tokens)
     if logits.stride(1) != 1:
         logits = logits.contiguous()  # the kernels walk columns with unit stride
-    if not triton_runnable(logits.device):
+    if not _FORCE_TORCH and not triton_runnable(logits.device):
         warn_once("cross_entropy-torch", f"minilife.kernels.cross_entropy: Triton cannot run on "
                   f"{logits.device.type} here (no CUDA, TRITON_INTERPRET unset, or no triton); using the "
                   "pure-torch version of the same math")

@@ -2,7 +2,7 @@
 
 What it implements
 - ``flash_attention(q, k, v, causal=True, sm_scale=None)`` with q, k, v: (B, H, T, D) -> (B, H, T, D),
-  differentiable. Four kernels, one program per (tile, batch*head):
+  differentiable. Four kernels (in ``flash_attention_triton.py``), one program per (tile, batch*head):
   * ``fwd``: a program owns BLOCK_M query rows and loops over key tiles with the online softmax
     (running max / denominator, exp2 with the scale folded into log2(e)); writes O and the row
     log-sum-exp LSE (natural log, fp32) for the backward pass.
@@ -14,7 +14,8 @@ What it implements
   variant: no atomics, so the gradients are deterministic run to run.
 - Causal (query i sees keys j <= i) and full attention; any T (edge tiles are masked loads/stores);
   head dims 1..128, padded in-kernel to a power of two >= 16 (masked loads), so 16/32/64/128 run
-  unpadded; fp32/fp16/bf16 storage with fp32 accumulation (fp32 uses IEEE dot products, not TF32).
+  unpadded; fp32/fp16/bf16 storage with fp32 accumulation. fp32 inputs use IEEE dot products (exact
+  to fp32, but no tensor cores: use bf16/fp16 for speed, as the benchmark does).
 - Where Triton cannot run (CPU without TRITON_INTERPRET=1, triton missing, MPS) the call falls back
   to ``flash_attention_torch`` (same algorithm, plain torch) after a one-time RuntimeWarning.
 
@@ -26,13 +27,16 @@ LSE value is loaded for them never matters, and they are never stored.
 
 Inputs that are not contiguous are copied with ``.contiguous()`` (the kernels assume a (B, H, T, D)
 row-major layout). On CUDA the block sizes are autotuned; under the interpreter autotuning is off and
-one large fixed tile is used (interpreter cost ~ programs x loop iterations). Leaves out: dropout,
+a fixed 64 x 64 tile is used (interpreter cost ~ programs x loop iterations). The interpreter's tl.dot
+multiplies bf16 *bit patterns* (triton-lang/triton#11584), so there (only) bf16 tiles are upcast to
+fp32 after loading, with P and dS still rounded to bf16 as on the GPU. Leaves out: dropout,
 custom masks, KV-cache decoding (T_q != T_k), ALiBi — the model uses SDPA for those.
 """
 from __future__ import annotations
 
+import importlib
 import math
-from types import SimpleNamespace
+from types import ModuleType
 from typing import Optional
 
 import torch
@@ -44,170 +48,23 @@ __all__ = ["flash_attention", "bench_attention", "MAX_HEAD_DIM"]
 
 MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
-_KERNELS: dict[bool, SimpleNamespace] = {}  # interpreting? -> kernels (triton reads the flag at @jit)
 
 
-def _build_kernels() -> SimpleNamespace:
-    """Define the @triton.jit kernels (lazily: triton is imported only when a kernel first runs)."""
-    triton, tl = import_triton()
+def _kernels() -> ModuleType:
+    """The kernel module, imported on first use (triton is imported with it, never earlier).
 
-    @triton.jit
-    def fwd(Q, K, V, O, LSE, qk_scale, T, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-        start_m = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
-        base = bh * T * HEAD_DIM  # int64: start of this (batch, head) in the (B*H, T, D) tensors
-        rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d[None, :] < HEAD_DIM  # (1, BLOCK_D) masks the head-dim padding
-        q = tl.load(Q + base + rows[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=(rows[:, None] < T) & d_ok, other=0.0)  # (BLOCK_M, BLOCK_D)
-        if UPCAST:  # interpreter + bf16 only: its tl.dot multiplies bf16 bit patterns (triton#11584)
-            q = q.to(tl.float32)
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (log2 units)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running denominator
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # un-normalised output
-        hi = tl.minimum((start_m + 1) * BLOCK_M, T) if CAUSAL else T
-        for start_n in range(0, hi, BLOCK_N):
-            cols = start_n + offs_n  # (BLOCK_N,)
-            kv_off = base + cols[:, None] * HEAD_DIM + offs_d[None, :]  # (BLOCK_N, BLOCK_D)
-            kv_ok = (cols[:, None] < T) & d_ok
-            k = tl.load(K + kv_off, mask=kv_ok, other=0.0)
-            v = tl.load(V + kv_off, mask=kv_ok, other=0.0)
-            if UPCAST:
-                k, v = k.to(tl.float32), v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-            keep = cols[None, :] < T
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None])
-            s = tl.where(keep, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked row so far
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            # P is rounded to the storage dtype for the second matmul, as FA-2 does (the trailing
-            # .to(v.dtype) is a no-op unless UPCAST, where it keeps the dot in fp32)
-            p = p.to(V.dtype.element_ty).to(v.dtype)
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
-            m_i = m_new
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        row_ok = rows < T
-        tl.store(O + base + rows[:, None] * HEAD_DIM + offs_d[None, :],
-                 (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok)
-        lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634  # back to natural log
-        tl.store(LSE + bh * T + rows, lse, mask=row_ok)
-
-    @triton.jit
-    def bwd_preprocess(O, DO, DELTA, T, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_M: tl.constexpr):
-        bh = tl.program_id(1).to(tl.int64)
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        off = bh * T * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :]
-        ok = (rows[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
-        o = tl.load(O + off, mask=ok, other=0.0).to(tl.float32)
-        do = tl.load(DO + off, mask=ok, other=0.0).to(tl.float32)
-        tl.store(DELTA + bh * T + rows, tl.sum(o * do, 1), mask=rows < T)
-
-    @triton.jit
-    def bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale, T, HEAD_DIM: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-        start_n = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
-        base = bh * T * HEAD_DIM
-        cols = start_n * BLOCK_N + tl.arange(0, BLOCK_N)  # the keys this program owns
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d[None, :] < HEAD_DIM
-        kv_off = base + cols[:, None] * HEAD_DIM + offs_d[None, :]  # (BLOCK_N, BLOCK_D)
-        kv_ok = (cols[:, None] < T) & d_ok
-        k = tl.load(K + kv_off, mask=kv_ok, other=0.0)
-        v = tl.load(V + kv_off, mask=kv_ok, other=0.0)
-        if UPCAST:  # interpreter + bf16 only (triton#11584)
-            k, v = k.to(tl.float32), v.to(tl.float32)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        lo = (start_n * BLOCK_N // BLOCK_M) * BLOCK_M if CAUSAL else 0  # earlier queries see none
-        for start_m in range(lo, T, BLOCK_M):
-            rows = start_m + offs_m  # (BLOCK_M,)
-            q_off = base + rows[:, None] * HEAD_DIM + offs_d[None, :]
-            q_ok = (rows[:, None] < T) & d_ok
-            q = tl.load(Q + q_off, mask=q_ok, other=0.0)
-            do = tl.load(DO + q_off, mask=q_ok, other=0.0)
-            if UPCAST:
-                q, do = q.to(tl.float32), do.to(tl.float32)
-            lse = tl.load(LSE + bh * T + rows, mask=rows < T, other=0.0)
-            delta = tl.load(DELTA + bh * T + rows, mask=rows < T, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale  # (BLOCK_M, BLOCK_N)
-            keep = (rows[:, None] < T) & (cols[None, :] < T)
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None])
-            p = tl.where(keep, tl.math.exp2((s - lse[:, None]) * 1.4426950408889634), 0.0)
-            dv += tl.dot(tl.trans(p.to(DO.dtype.element_ty).to(do.dtype)), do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(Q.dtype.element_ty).to(q.dtype)), q, input_precision=PRECISION)
-        tl.store(DK + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
-        tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_ok)
-
-    @triton.jit
-    def bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, sm_scale, T, HEAD_DIM: tl.constexpr,
-               BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-        start_m = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
-        base = bh * T * HEAD_DIM
-        rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # the queries this program owns
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d[None, :] < HEAD_DIM
-        q_off = base + rows[:, None] * HEAD_DIM + offs_d[None, :]
-        q_ok = (rows[:, None] < T) & d_ok
-        q = tl.load(Q + q_off, mask=q_ok, other=0.0)
-        do = tl.load(DO + q_off, mask=q_ok, other=0.0)
-        if UPCAST:  # interpreter + bf16 only (triton#11584)
-            q, do = q.to(tl.float32), do.to(tl.float32)
-        lse = tl.load(LSE + bh * T + rows, mask=rows < T, other=0.0)
-        delta = tl.load(DELTA + bh * T + rows, mask=rows < T, other=0.0)
-        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        hi = tl.minimum((start_m + 1) * BLOCK_M, T) if CAUSAL else T
-        for start_n in range(0, hi, BLOCK_N):
-            cols = start_n + offs_n
-            kv_off = base + cols[:, None] * HEAD_DIM + offs_d[None, :]
-            kv_ok = (cols[:, None] < T) & d_ok
-            k = tl.load(K + kv_off, mask=kv_ok, other=0.0)
-            v = tl.load(V + kv_off, mask=kv_ok, other=0.0)
-            if UPCAST:
-                k, v = k.to(tl.float32), v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
-            keep = (rows[:, None] < T) & (cols[None, :] < T)
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None])
-            p = tl.where(keep, tl.math.exp2((s - lse[:, None]) * 1.4426950408889634), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * dp
-            dq += tl.dot(ds.to(K.dtype.element_ty).to(k.dtype), k, input_precision=PRECISION)
-        tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok)
-
-    kernels = SimpleNamespace(fwd=fwd, bwd_preprocess=bwd_preprocess, bwd_dkdv=bwd_dkdv, bwd_dq=bwd_dq)
-    if not interpreting():  # compiled: let triton pick tile sizes per (T, D, causal)
-        cfgs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                for m, n, w, s in ((64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 128, 8, 1))]
-        key = ["T", "HEAD_DIM", "CAUSAL"]
-        kernels.fwd_tuned = triton.autotune(cfgs, key=key)(fwd)
-        kernels.bwd_dkdv_tuned = triton.autotune(cfgs, key=key)(bwd_dkdv)
-        kernels.bwd_dq_tuned = triton.autotune(cfgs, key=key)(bwd_dq)
+    Triton fixes interpreted vs compiled when it is first imported (its own ``tl.max``, ``tl.sum``
+    ... are @jit functions) and when each kernel is defined, so the mode cannot change later in the
+    process: if TRITON_INTERPRET no longer matches the loaded kernels, this raises instead of running.
+    """
+    import_triton()  # a clear ImportError first, if triton is missing
+    kernels = importlib.import_module("minilife.kernels.flash_attention_triton")
+    if kernels.INTERPRETED != interpreting():
+        raise RuntimeError(
+            f"flash_attention: the Triton kernels were loaded with TRITON_INTERPRET="
+            f"{int(kernels.INTERPRETED)} but it is now {int(interpreting())}; triton fixes this mode "
+            "for the whole process when it is first imported: set TRITON_INTERPRET before that")
     return kernels
-
-
-def _kernels() -> SimpleNamespace:
-    mode = interpreting()
-    if mode not in _KERNELS:
-        _KERNELS[mode] = _build_kernels()
-    return _KERNELS[mode]
 
 
 def _launch(kernel_name: str, n_rows: int, bh: int, args: tuple, blocks: Optional[tuple[int, int]],
@@ -216,7 +73,7 @@ def _launch(kernel_name: str, n_rows: int, bh: int, args: tuple, blocks: Optiona
     triton, _ = import_triton()
     ks = _kernels()
     tile = "BLOCK_N" if kernel_name == "bwd_dkdv" else "BLOCK_M"
-    if blocks is None and hasattr(ks, kernel_name + "_tuned"):
+    if blocks is None and getattr(ks, kernel_name + "_tuned") is not None:
         grid = lambda cfg: (triton.cdiv(n_rows, cfg[tile]), bh)  # noqa: E731
         getattr(ks, kernel_name + "_tuned")[grid](*args, **meta)
         return
@@ -230,40 +87,33 @@ class _FlashAttentionTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal: bool, sm_scale: float, blocks):
+        triton, _ = import_triton()
         B, H, T, D = q.shape
-        block_d = max(16, triton_next_pow2(D))
-        precision = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 only affects fp32 inputs
-        upcast = interpreting() and q.dtype == torch.bfloat16
+        ctx.meta = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=causal,
+                        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32: fp32 inputs only
+                        UPCAST=_kernels().INTERPRETED and q.dtype == torch.bfloat16)
         out = torch.empty_like(q)  # (B, H, T, D)
         lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)  # (B, H, T)
-        _launch("fwd", T, B * H, (q, k, v, out, lse, sm_scale * _LOG2E, T), blocks,
-                HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=causal, PRECISION=precision, UPCAST=upcast)
+        _launch("fwd", T, B * H, (q, k, v, out, lse, sm_scale * _LOG2E, T), blocks, **ctx.meta)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.sm_scale, ctx.blocks = causal, sm_scale, blocks
-        ctx.meta = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=causal, PRECISION=precision, UPCAST=upcast)
+        ctx.sm_scale, ctx.blocks = sm_scale, blocks
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, _d_lse):
+        triton, _ = import_triton()
         q, k, v, out, lse = ctx.saved_tensors
         B, H, T, D = q.shape
         d_out = d_out.contiguous()
         delta = torch.empty_like(lse)  # (B, H, T) fp32
-        pre_block = ctx.blocks[0] if ctx.blocks is not None else 64
-        triton, _ = import_triton()
-        _kernels().bwd_preprocess[(triton.cdiv(T, pre_block), B * H)](
-            out, d_out, delta, T, HEAD_DIM=D, BLOCK_D=ctx.meta["BLOCK_D"], BLOCK_M=pre_block)
+        rows = ctx.blocks[0] if ctx.blocks is not None else 64
+        _kernels().bwd_preprocess[(triton.cdiv(T, rows), B * H)](
+            out, d_out, delta, T, HEAD_DIM=D, BLOCK_D=ctx.meta["BLOCK_D"], BLOCK_M=rows)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        meta = ctx.meta
-        _launch("bwd_dkdv", T, B * H, (q, k, v, d_out, lse, delta, dk, dv, ctx.sm_scale, T), ctx.blocks, **meta)
-        _launch("bwd_dq", T, B * H, (q, k, v, d_out, lse, delta, dq, ctx.sm_scale, T), ctx.blocks, **meta)
+        _launch("bwd_dkdv", T, B * H, (q, k, v, d_out, lse, delta, dk, dv, ctx.sm_scale, T), ctx.blocks, **ctx.meta)
+        _launch("bwd_dq", T, B * H, (q, k, v, d_out, lse, delta, dq, ctx.sm_scale, T), ctx.blocks, **ctx.meta)
         return dq, dk, dv, None, None, None
-
-
-def triton_next_pow2(n: int) -> int:
-    """Smallest power of two >= n (n >= 1)."""
-    return 1 << (int(n) - 1).bit_length()
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,

@@ -14,7 +14,8 @@ What it implements
 - ``check_qkv``: the input checks shared with the Triton version (shapes, dtypes, devices).
 - ``peak_tensor_bytes(fn)``: peak bytes of tensor storage alive while ``fn()`` runs, counted by a
   ``TorchDispatchMode`` (each op's new output storages are added, a weakref finalizer subtracts them
-  when freed). CPU has no allocator statistics like ``torch.cuda.max_memory_allocated``; this is the
+  when freed; outputs sharing an input's storage, i.e. views and in-place results, add nothing).
+  CPU has no allocator statistics like ``torch.cuda.max_memory_allocated``; this is the
   tracemalloc-style stand-in the benchmark uses to show the O(T^2) -> O(T) saving.
 
 Only (B, H, Bq, Bk) tiles are alive at a time, so peak memory grows like T * block instead of T^2 —
@@ -135,11 +136,11 @@ class _FlashAttentionTorch(torch.autograd.Function):
                 if causal and k1 - 1 > q0:
                     p = p.masked_fill(~_causal_keep(q0, q1, k0, k1, q.device), 0.0)
                 do_i = d_out[:, :, q0:q1]  # (B, H, Bq, D)
-                dv[:, :, k0:k1] += p.transpose(-2, -1) @ do_i
+                dv[:, :, k0:k1] += p.transpose(-2, -1) @ do_i  # (B, H, Bk, Bq) @ (B, H, Bq, D)
                 dp = do_i @ vj.transpose(-2, -1)  # (B, H, Bq, Bk)
                 ds = p * (dp - delta[:, :, q0:q1, None])  # softmax backward
                 dq[:, :, q0:q1] += (ds @ kj) * scale
-                dk[:, :, k0:k1] += (ds.transpose(-2, -1) @ qi) * scale
+                dk[:, :, k0:k1] += (ds.transpose(-2, -1) @ qi) * scale  # (B, H, Bk, Bq) @ (B, H, Bq, D)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
@@ -164,7 +165,11 @@ def flash_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cau
 
 
 class _LiveTensorBytes(TorchDispatchMode):
-    """Counts bytes of tensor storages created inside the mode and still alive; keeps the peak."""
+    """Counts bytes of tensor storages created inside the mode and still alive; keeps the peak.
+
+    An output that shares a storage with one of the op's inputs (a view, an in-place or ``out=``
+    result) allocated nothing: it is skipped, also when that storage existed before counting began.
+    """
 
     def __init__(self):
         super().__init__()
@@ -176,12 +181,14 @@ class _LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor):
                 continue
             storage = t.untyped_storage()
             key, size = storage.data_ptr(), storage.nbytes()
-            if size == 0 or key in self._sizes:  # views and in-place results reuse a counted storage
+            if size == 0 or key in self._sizes or key in inputs:  # reuses a counted or an input storage
                 continue
             self._sizes[key] = size
             self.live += size
@@ -194,7 +201,8 @@ def peak_tensor_bytes(fn: Callable[[], object]) -> int:
     """Run ``fn()`` and return the peak number of bytes of tensors it allocated and held at once.
 
     Counts storages created by torch ops inside ``fn`` (forward and backward), not those that
-    existed before; Python objects and allocator slack are not included.
+    existed before nor views / in-place results of them; Python objects and allocator slack are not
+    included.
     """
     mode = _LiveTensorBytes()
     with mode:

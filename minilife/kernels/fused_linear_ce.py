@@ -9,8 +9,9 @@ What it implements
   ``minilife.kernels.cross_entropy`` (its Triton kernel where Triton runs, its pure-torch twin
   otherwise), then at once ``dlogits_c`` written *into the logits buffer*, ``grad_hidden_c =
   dlogits_c @ weight`` and ``grad_weight += dlogits_c.T @ hidden_c`` (fp32 accumulator).
-  Peak extra memory is one chunk of logits (chunk_size x V) plus the gradients themselves, instead of
-  three (N, V) tensors (logits, log-softmax, its gradient) for the materialised version.
+  Peak extra memory is one or two chunk-sized buffers (chunk_size x V; the torch path needs a
+  temporary for exp) plus the gradients themselves, instead of about three (N, V) tensors (logits,
+  log-softmax, its gradient) for the materialised version.
 
 Gradients in the forward pass (the Liger-Kernel approach, Hsu et al. 2024) vs recomputation
 - "mean"/"sum": the loss is ``grad_output`` times a fixed linear combination of the rows, so the
@@ -29,8 +30,13 @@ Gradients in the forward pass (the Liger-Kernel approach, Hsu et al. 2024) vs re
 Chunk size: by default the largest power of two with chunk_size * V <= max(N * C, 2**24) elements
 (at least 1 row): a chunk of logits costs about as much memory as ``hidden`` itself (Liger's rule)
 but never less than 16M elements, because every chunk also reads and writes the whole (V, C)
-``grad_weight`` accumulator: chunks of a few dozen rows make that traffic dominate (measured on
-CPU at V=50257, C=768: 128-row chunks ran 1.6x slower than 512-row chunks).
+``grad_weight`` accumulator: chunks of a few dozen rows make that traffic dominate (one measurement
+on CPU at N=4096, C=768, V=50257: 128-row chunks took ~1.6x the time of 512-row chunks).
+
+Also here: ``bench_loss`` / ``peak_memory_bytes``, the time and memory comparison against torch that
+``bench/kernels.py`` and chapter 5 both run (like ``bench_attention`` beside the attention kernels).
+
+Under ``torch.autocast`` both inputs are cast to the autocast dtype first, as ``F.linear`` would be.
 
 What it leaves out: a bias on the head, class weights, soft targets, z-loss, tensor-parallel vocab
 shards. ``torch.nn.functional.linear_cross_entropy`` (torch >= 2.13, chunked when given
@@ -38,15 +44,18 @@ shards. ``torch.nn.functional.linear_cross_entropy`` (torch >= 2.13, chunked whe
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+import statistics
+import time
+from typing import Callable, Optional, Union
 
 import torch
+import torch.nn.functional as F
 
-from minilife.kernels import cross_entropy as _ce
-from minilife.kernels.cross_entropy import (SUPPORTED_DTYPES, backward_rows, check_options,
-                                            check_targets, forward_rows, mean_denominator)
+from minilife.kernels.cross_entropy import (SUPPORTED_DTYPES, backward_rows, check_options, check_targets,
+                                            cross_entropy, forward_rows, mean_denominator, use_triton)
+from minilife.kernels.flash_attention_torch import peak_tensor_bytes
 
-__all__ = ["fused_linear_cross_entropy", "default_chunk_size"]
+__all__ = ["fused_linear_cross_entropy", "default_chunk_size", "bench_loss", "peak_memory_bytes"]
 
 
 def default_chunk_size(N: int, C: int, V: int) -> int:
@@ -64,9 +73,9 @@ def _chunks(N: int, chunk_size: int):
 def _accumulate_weight_grad(grad_weight: torch.Tensor, dlogits: torch.Tensor, hidden_c: torch.Tensor) -> None:
     """grad_weight (V, C) fp32 += dlogits.T (V, n) @ hidden_c (n, C)."""
     if dlogits.dtype == torch.float32:
-        grad_weight.addmm_(dlogits.t(), hidden_c)
+        grad_weight.addmm_(dlogits.t(), hidden_c)  # (V, n) @ (n, C) -> (V, C)
     else:  # one product in the input dtype (fp32 accumulate inside the matmul), summed in fp32
-        grad_weight.add_(dlogits.t() @ hidden_c)
+        grad_weight.add_(dlogits.t() @ hidden_c)  # (V, n) @ (n, C) -> (V, C)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -79,7 +88,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         ctx.options = (ignore_index, reduction, eps, chunk_size)
         losses = torch.empty(N, dtype=torch.float32, device=hidden.device)  # (N,)
         grads_now = reduction != "none" and (need_h or need_w)
-        use_triton = _ce.triton_runnable(hidden.device)  # decided once, not per chunk
+        triton = use_triton(hidden.device)  # decided once, not per chunk
         if reduction == "mean":
             denominator = mean_denominator(targets, ignore_index, num_tokens)
             row_scale = (1.0 / denominator).expand(N)  # (N,), stride 0
@@ -93,13 +102,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         for start, end in _chunks(N, chunk_size):
             h_c, t_c = hidden[start:end], targets[start:end]  # (n, C), (n,)
             logits_c = h_c @ weight.t()  # (n, V)
-            loss_c, lse_c, rest_c = forward_rows(logits_c, t_c, ignore_index, eps, use_triton)
+            loss_c, lse_c, rest_c = forward_rows(logits_c, t_c, ignore_index, eps, triton)
             losses[start:end] = loss_c
             if not grads_now:
                 continue
             # dL/dlogits for this chunk, written over the logits (they are not needed any more)
             dlogits = backward_rows(logits_c, t_c, lse_c, rest_c, row_scale[start:end], ignore_index,
-                                    eps, out=logits_c, use_triton=use_triton)  # (n, V)
+                                    eps, out=logits_c, triton=triton)  # (n, V)
             if grad_hidden is not None:
                 torch.mm(dlogits, weight, out=grad_hidden[start:end])  # (n, C)
             if grad_weight is not None:
@@ -139,13 +148,13 @@ def _recompute_backward(ctx, grad_out: torch.Tensor):
     grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
     row_scale = grad_out.float()  # (N,)
-    use_triton = _ce.triton_runnable(hidden.device)
+    triton = use_triton(hidden.device)
     for start, end in _chunks(hidden.shape[0], chunk_size):
         h_c, t_c = hidden[start:end], targets[start:end]  # (n, C), (n,)
         logits_c = h_c @ weight.t()  # (n, V)
-        _, lse_c, rest_c = forward_rows(logits_c, t_c, ignore_index, eps, use_triton)
+        _, lse_c, rest_c = forward_rows(logits_c, t_c, ignore_index, eps, triton)
         dlogits = backward_rows(logits_c, t_c, lse_c, rest_c, row_scale[start:end], ignore_index, eps,
-                                out=logits_c, use_triton=use_triton)  # (n, V)
+                                out=logits_c, triton=triton)  # (n, V)
         if grad_hidden is not None:
             torch.mm(dlogits, weight, out=grad_hidden[start:end])
         if grad_weight is not None:
@@ -166,6 +175,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     chunk_size: rows per chunk (default: ``default_chunk_size(N, C, V)``). Returns float32.
     """
     fn = "fused_linear_cross_entropy"
+    if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
+        amp_dtype = torch.get_autocast_dtype(hidden.device.type)  # what F.linear would compute in
+        hidden, weight = hidden.to(amp_dtype), weight.to(amp_dtype)
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             raise ValueError(f"{fn}: {name} must be a 2-D tensor, got "
@@ -189,3 +201,92 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         raise ValueError(f"{fn}: chunk_size must be a positive int, got {chunk_size!r}")
     return _FusedLinearCrossEntropy.apply(hidden, weight, targets, int(ignore_index), reduction,
                                           float(label_smoothing), n_tok, chunk_size, torch.is_grad_enabled())
+
+
+# ------------------------------------------------------------------------------------------------
+# measuring: shared by minilife/chapters/ch5_kernels.py and bench/kernels.py
+
+MiB = 2.0**20
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated while ``fn()`` runs, above what existed before it.
+
+    CUDA: the caching allocator's peak. CPU (no allocator statistics in torch): ``peak_tensor_bytes``,
+    a dispatch-mode count of the tensor storages created and still alive (tensors only: no allocator
+    slack, no scratch buffers inside one aten kernel; exact and repeatable, unlike RSS).
+    """
+    if device.type != "cuda":
+        return peak_tensor_bytes(fn)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def loss_sides(N: int, V: int, C: int, dtype, device, chunk: Optional[int] = None,
+               seed=0) -> dict[str, Callable[[], object]]:
+    """Forward + backward closures: the fused head + loss (``chunk`` rows per chunk, default rule if
+    None), and linear then F.cross_entropy."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, C, generator=g).to(device, dtype).requires_grad_(True)
+    weight = (torch.randn(V, C, generator=g) / C**0.5).to(device, dtype).requires_grad_(True)
+    targets = torch.randint(0, V, (N,), generator=g).to(device)
+    fused = lambda: fused_linear_cross_entropy(hidden, weight, targets, chunk_size=chunk)  # noqa: E731
+    return {"fused": lambda: torch.autograd.grad(fused(), (hidden, weight)),
+            "materialised": lambda: torch.autograd.grad(F.cross_entropy(hidden @ weight.t(), targets),  # (N, V)
+                                                        (hidden, weight))}
+
+
+def ce_sides(N: int, V: int, dtype, device, seed=0) -> dict[str, Callable[[], object]]:
+    """Forward + backward closures on (N, V) logits: Triton cross_entropy and F.cross_entropy."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(N, V, generator=g).to(device, dtype).requires_grad_(True)
+    targets = torch.randint(0, V, (N,), generator=g).to(device)
+    return {"triton": lambda: torch.autograd.grad(cross_entropy(logits, targets), (logits,)),
+            "torch": lambda: torch.autograd.grad(F.cross_entropy(logits, targets), (logits,))}
+
+
+def compare(case: str, ours: str, ref: str, sides: dict, device, repeats: int) -> list[dict]:
+    """Time ``ours`` vs ``ref`` (one warm-up each, then ``repeats`` interleaved rounds, order alternating)
+    and measure their peak memory; rows as in ``bench_attention`` (ratio = ours / reference)."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times: dict[str, list[float]] = {ours: [], ref: []}
+    peaks: dict[str, list[float]] = {ours: [], ref: []}
+    for name in (ours, ref):
+        sides[name]()  # warm-up: compiles kernels, touches the allocator
+    for r in range(repeats):
+        for name in ((ours, ref) if r % 2 == 0 else (ref, ours)):
+            sync()
+            t0 = time.perf_counter()
+            sides[name]()
+            sync()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    for name in (ours, ref):  # separately, so the CPU counter's bookkeeping never enters a timing
+        peaks[name].append(peak_memory_bytes(sides[name], device) / MiB)
+    rows = []
+    for metric, values in (("time_ms", times), ("peak_MiB", peaks)):
+        o_min, o_med = min(values[ours]), statistics.median(values[ours])
+        r_min, r_med = min(values[ref]), statistics.median(values[ref])
+        rows.append(dict(case=case, metric=metric, ours=ours, reference=ref, ours_min=o_min, ours_median=o_med,
+                         ref_min=r_min, ref_median=r_med, ratio_min=o_min / r_min, ratio_median=o_med / r_med))
+    return rows
+
+
+def bench_loss(device, *, tokens: int, vocab: int, hidden: int, dtype, repeats: int,
+               triton_ce: bool) -> list[dict]:
+    """Fused linear + CE vs materialised (and, if ``triton_ce``, Triton CE vs F.cross_entropy)."""
+    tag = f"{str(dtype)[6:]} {device.type}"
+    rows = compare(f"linear + CE fwd+bwd N={tokens} C={hidden} V={vocab} {tag}", "fused", "materialised",
+                   loss_sides(tokens, vocab, hidden, dtype, device), device, repeats)
+    if triton_ce:
+        rows += compare(f"cross-entropy fwd+bwd N={tokens} V={vocab} {tag}", "triton", "torch",
+                        ce_sides(tokens, vocab, dtype, device), device, repeats)
+    return rows
+
+

@@ -145,6 +145,22 @@ class SwiGLU(nn.Module):
         return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
+def check_token_ids(ids: torch.Tensor, vocab_size: int, what: str = "token id",
+                    ignore_index: int | None = None) -> None:
+    """Raise unless ``ids`` (any shape) is an int32/int64 tensor with values in [0, vocab_size)
+    (entries equal to ``ignore_index`` excepted). One device sync; skipped while torch.compile traces."""
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{what}s must be an integer tensor (int64), got dtype {ids.dtype}")
+    if ids.numel() and not torch.compiler.is_compiling():  # the check is a graph break under compile
+        bad = (ids < 0) | (ids >= vocab_size)
+        if ignore_index is not None:
+            bad &= ids != ignore_index
+        if bool(bad.any()):
+            first = int(ids[bad][0])
+            raise ValueError(f"{what} {first} is outside the vocabulary [0, {vocab_size}) "
+                             f"(vocab_size={vocab_size}); {int(bad.sum())} id(s) out of range")
+
+
 class TokenEmbedding(nn.Module):
     """Lookup table (V, C): ids (B, T) long -> vectors (B, T, C).
 
@@ -160,14 +176,7 @@ class TokenEmbedding(nn.Module):
         nn.init.normal_(self.weight, mean=0.0, std=0.02)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        if idx.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"token ids must be an integer tensor (int64), got dtype {idx.dtype}")
-        if idx.numel() and not torch.compiler.is_compiling():  # the check is a graph break under compile
-            bad = (idx < 0) | (idx >= self.vocab_size)
-            if bool(bad.any()):
-                first = int(idx[bad][0])
-                raise ValueError(f"token id {first} is outside the vocabulary [0, {self.vocab_size}) "
-                                 f"(vocab_size={self.vocab_size}); {int(bad.sum())} id(s) out of range")
+        check_token_ids(idx, self.vocab_size)
         return F.embedding(idx, self.weight)
 
     def extra_repr(self) -> str:

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from minilife.model.attention import ATTN_IMPLS, CausalSelfAttention, KVCache, MaskSpec, build_attention_mask
-from minilife.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, TokenEmbedding, default_ffn_hidden
+from minilife.model.layers import (RMSNorm, RotaryEmbedding, SwiGLU, TokenEmbedding, check_token_ids,
+                                   default_ffn_hidden)
 
 LOSS_IMPLS = ("torch", "triton", "fused")
 REDUCTIONS = ("mean", "sum", "none")
@@ -192,6 +193,9 @@ class GPT(nn.Module):
         if targets is not None and (not isinstance(targets, torch.Tensor) or targets.shape != idx.shape):
             raise ValueError(f"targets must have the same shape as idx {tuple(idx.shape)}, got "
                              f"{tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__}")
+        if targets is not None and self.cfg.loss_impl == "torch":  # the kernels check their own targets;
+            # F.cross_entropy would give a terse IndexError (or a CUDA device-side assert)
+            check_token_ids(targets, self.cfg.vocab_size, "target", ignore_index=ignore_index)
         h = self.hidden(idx, attn_mask=attn_mask, prefix_lengths=prefix_lengths)  # (B, T, C)
         B, T, C = h.shape
         if targets is None:

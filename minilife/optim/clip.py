@@ -34,6 +34,10 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: 
         raise ValueError(f"max_norm must be > 0, got {max_norm}")
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
+    parameters = list(parameters)
+    for i, p in enumerate(parameters):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"clip_grad_norm: parameters[{i}] is {type(p).__name__}, expected a tensor")
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return 0.0

@@ -14,31 +14,15 @@ from minilife.checkpoint import CheckpointError, NonFiniteLossError, load_checkp
 from minilife.common import read_jsonl
 from minilife.model.transformer import GPT, ModelConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FAST = ["--smoke", "--sample-tokens", "4", "--eval-batches", "2", "--no-plots"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are too small to gain from a second thread; on a shared machine the hand-offs
-    between threads cost more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """The smoke world (tokenizer + shards), built once per session at a path all chapter tests share."""
-    from minilife.chapters.ch2_data import ensure_data
-
-    return str(ensure_data(smoke=True, data_dir=str(tmp_path_factory.getbasetemp() / "loop_ch2_data_smoke")))
-
-
-@pytest.fixture(scope="module")
-def smoke_run(data_dir, tmp_path_factory):
+def smoke_run(smoke_data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain_smoke")
-    summary = P.main(FAST + ["--plots", "--data-dir", data_dir, "--out", str(out)])
+    summary = P.main(FAST + ["--plots", "--data-dir", smoke_data_dir, "--out", str(out)])
     return out, summary
 
 
@@ -71,10 +55,10 @@ def test_smoke_run_learns_and_writes_artifacts(smoke_run):
     assert summary["finished"] and len(summary["samples"]) == 2
 
 
-def test_ensure_pretrained_reuses_a_finished_run_and_load_pretrained(smoke_run, data_dir):
+def test_ensure_pretrained_reuses_a_finished_run_and_load_pretrained(smoke_run, smoke_data_dir):
     out, _ = smoke_run
     before = (out / "last.pt").stat().st_mtime_ns
-    path = P.ensure_pretrained(smoke=True, run_dir=out, data_dir=data_dir)
+    path = P.ensure_pretrained(smoke=True, run_dir=out, data_dir=smoke_data_dir)
     assert path == out / "last.pt" and path.stat().st_mtime_ns == before  # nothing retrained
     model, tok = P.load_pretrained(path)
     assert model.cfg.vocab_size == tok.vocab_size
@@ -82,8 +66,8 @@ def test_ensure_pretrained_reuses_a_finished_run_and_load_pretrained(smoke_run, 
     assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
 
 
-def test_resume_is_bitwise_identical(data_dir, tmp_path):
-    common = FAST + ["--data-dir", data_dir, "--max-steps", "8", "--ckpt-every", "4", "--eval-every", "4",
+def test_resume_is_bitwise_identical(smoke_data_dir, tmp_path):
+    common = FAST + ["--data-dir", smoke_data_dir, "--max-steps", "8", "--ckpt-every", "4", "--eval-every", "4",
                      "--dropout", "0.1"]  # dropout: the restored RNG state matters too
     P.main(common + ["--out", str(tmp_path / "straight")])
     P.main(common + ["--out", str(tmp_path / "killed"), "--stop-after", "4"])
@@ -96,19 +80,19 @@ def test_resume_is_bitwise_identical(data_dir, tmp_path):
     assert la == lb and len(la) == 8
 
 
-def test_resume_without_checkpoint_or_with_corrupt_one_is_clear(data_dir, tmp_path):
+def test_resume_without_checkpoint_or_with_corrupt_one_is_clear(smoke_data_dir, tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
-        P.main(FAST + ["--data-dir", data_dir, "--out", str(tmp_path), "--resume"])
-    P.main(FAST + ["--data-dir", data_dir, "--out", str(tmp_path), "--max-steps", "2", "--ckpt-every", "2",
+        P.main(FAST + ["--data-dir", smoke_data_dir, "--out", str(tmp_path), "--resume"])
+    P.main(FAST + ["--data-dir", smoke_data_dir, "--out", str(tmp_path), "--max-steps", "2", "--ckpt-every", "2",
                    "--eval-every", "2"])
     newest = tmp_path / "ckpt_step000002.pt"
     newest.write_bytes(newest.read_bytes()[:200])  # truncated, as by a crash outside our atomic save
     with pytest.raises(CheckpointError, match="ckpt_step000002.pt"):
-        P.main(FAST + ["--data-dir", data_dir, "--out", str(tmp_path), "--max-steps", "4", "--resume"])
+        P.main(FAST + ["--data-dir", smoke_data_dir, "--out", str(tmp_path), "--max-steps", "4", "--resume"])
 
 
-def test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint(data_dir, tmp_path):
-    common = FAST + ["--data-dir", data_dir, "--out", str(tmp_path), "--max-steps", "10", "--ckpt-every", "2",
+def test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint(smoke_data_dir, tmp_path):
+    common = FAST + ["--data-dir", smoke_data_dir, "--out", str(tmp_path), "--max-steps", "10", "--ckpt-every", "2",
                      "--eval-every", "10"]
     P.main(common + ["--stop-after", "4"])
     good, last = tmp_path / "ckpt_step000004.pt", tmp_path / "last.pt"
@@ -126,15 +110,15 @@ def test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint(data_dir, tmp
 
 
 @pytest.mark.parametrize("objective", ["prefix", "mlm"])
-def test_other_objectives_train(data_dir, tmp_path, objective):
-    s = P.main(FAST + ["--data-dir", data_dir, "--out", str(tmp_path), "--objective", objective,
+def test_other_objectives_train(smoke_data_dir, tmp_path, objective):
+    s = P.main(FAST + ["--data-dir", smoke_data_dir, "--out", str(tmp_path), "--objective", objective,
                        "--max-steps", "6", "--eval-every", "6", "--ckpt-every", "6"])
     assert s["objective"] == objective and math.isfinite(s["val_loss"])
     assert s["last_loss"] < s["first_loss"]  # 6 steps at warmup LR already move an untrained model
     assert (s["samples"] == []) == (objective == "mlm")
 
 
-def test_bf16_autocast_step_runs(data_dir, tmp_path):
-    s = P.main(FAST + ["--data-dir", data_dir, "--out", str(tmp_path), "--precision", "bf16",
+def test_bf16_autocast_step_runs(smoke_data_dir, tmp_path):
+    s = P.main(FAST + ["--data-dir", smoke_data_dir, "--out", str(tmp_path), "--precision", "bf16",
                        "--max-steps", "3", "--eval-every", "3", "--ckpt-every", "3"])
     assert math.isfinite(s["val_loss"])

@@ -13,6 +13,8 @@ from minilife.chapters import ch5_accumulation as A
 from minilife.chapters.loop import BatchSource
 from minilife.model.transformer import GPT, ModelConfig
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 V, T, K, B = 97, 16, 4, 3
 
 
@@ -59,8 +61,8 @@ def test_weights_stay_equal_over_several_adamw_steps(setup):
     assert drift["naive mean"][-1] > 1e-4  # ~lr per step on many weights
 
 
-def test_main_smoke(smoke_data, tmp_path):
-    s = A.main(["--smoke", "--data-dir", smoke_data, "--out", str(tmp_path)])
+def test_main_smoke(smoke_data_dir, tmp_path):
+    s = A.main(["--smoke", "--data-dir", smoke_data_dir, "--out", str(tmp_path)])
     rows = {(r["case"], r["method"]): r for r in s["rows"]}
     assert rows[("ragged", "token-weighted")]["rel_grad_diff"] < 1e-12
     assert rows[("ragged", "naive mean")]["rel_grad_diff"] > 1e-2
@@ -71,21 +73,3 @@ def test_help(capsys):
     with pytest.raises(SystemExit) as e:
         A.main(["--help"])
     assert e.value.code == 0 and "--micro-batches" in capsys.readouterr().out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are too small to gain from a second thread; on a shared machine the hand-offs
-    between threads cost more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def smoke_data(tmp_path_factory):
-    """The smoke world (tokenizer + shards), built once per session at a path all chapter tests share."""
-    from minilife.chapters.ch2_data import ensure_data
-
-    return str(ensure_data(smoke=True, data_dir=str(tmp_path_factory.getbasetemp() / "loop_ch2_data_smoke")))

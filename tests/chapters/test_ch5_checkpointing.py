@@ -12,23 +12,7 @@ from minilife.chapters import ch5_checkpointing as C
 from minilife.chapters.loop import BatchSource
 from minilife.model.transformer import GPT, ModelConfig
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are too small to gain from a second thread; on a shared machine the hand-offs
-    between threads cost more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def smoke_data(tmp_path_factory):
-    """The smoke world (tokenizer + shards), built once per session at a path all chapter tests share."""
-    from minilife.chapters.ch2_data import ensure_data
-
-    return str(ensure_data(smoke=True, data_dir=str(tmp_path_factory.getbasetemp() / "loop_ch2_data_smoke")))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +55,8 @@ def test_gradient_checkpointing_saves_activation_memory_same_grads(tokens):
     assert model.cfg.gradient_checkpointing is False  # restored
 
 
-def test_main_smoke(smoke_data, tmp_path):
-    s = C.main(["--smoke", "--data-dir", smoke_data, "--out", str(tmp_path)])
+def test_main_smoke(smoke_data_dir, tmp_path):
+    s = C.main(["--smoke", "--data-dir", smoke_data_dir, "--out", str(tmp_path)])
     assert s["resume_exact"] and s["resume"][0]["max_abs_diff"] == 0.0
     assert s["gradient_checkpointing"]["held_after_forward_on"] < s["gradient_checkpointing"]["held_after_forward_off"]
     assert (tmp_path / "summary.json").is_file()

@@ -12,23 +12,7 @@ from minilife.chapters import ch5_precision as P
 from minilife.chapters.loop import BatchSource
 from minilife.model.transformer import GPT, ModelConfig
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are too small to gain from a second thread; on a shared machine the hand-offs
-    between threads cost more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def smoke_data(tmp_path_factory):
-    """The smoke world (tokenizer + shards), built once per session at a path all chapter tests share."""
-    from minilife.chapters.ch2_data import ensure_data
-
-    return str(ensure_data(smoke=True, data_dir=str(tmp_path_factory.getbasetemp() / "loop_ch2_data_smoke")))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_format_table_matches_ieee_definitions():
@@ -88,8 +72,8 @@ def test_dynamic_scaler_skips_and_halves_then_grows():
     assert s.scale_value == 8.0  # two good steps -> doubled
 
 
-def test_main_smoke(smoke_data, tmp_path):
-    s = P.main(["--smoke", "--data-dir", smoke_data, "--out", str(tmp_path)])
+def test_main_smoke(smoke_data_dir, tmp_path):
+    s = P.main(["--smoke", "--data-dir", smoke_data_dir, "--out", str(tmp_path)])
     by_e = {r["e"]: r for r in s["underflow"]}
     assert by_e[16]["fp16"]["flushed_fraction"] > 0.1 and by_e[16]["fp16_static_scale"]["flushed_fraction"] < 1e-3
     t = s["training"]

@@ -6,23 +6,7 @@ import torch
 
 from minilife.chapters import ch5_schedule as S
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are too small to gain from a second thread; on a shared machine the hand-offs
-    between threads cost more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def smoke_data(tmp_path_factory):
-    """The smoke world (tokenizer + shards), built once per session at a path all chapter tests share."""
-    from minilife.chapters.ch2_data import ensure_data
-
-    return str(ensure_data(smoke=True, data_dir=str(tmp_path_factory.getbasetemp() / "loop_ch2_data_smoke")))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_spike_is_largest_rise_above_running_min():
@@ -30,8 +14,8 @@ def test_spike_is_largest_rise_above_running_min():
     assert S.spike([5.0, 4.0, 6.5, 3.0, 3.5]) == 2.5  # 6.5 - 4.0; the later 0.5 rise is smaller
 
 
-def test_main_smoke(smoke_data, tmp_path):
-    s = S.main(["--smoke", "--data-dir", smoke_data, "--out", str(tmp_path)])
+def test_main_smoke(smoke_data_dir, tmp_path):
+    s = S.main(["--smoke", "--data-dir", smoke_data_dir, "--out", str(tmp_path)])
     assert set(s["warmup"]) == {"no warmup", "warmup 1"}
     es = s["early_stopping"]
     assert es["best_step"] is not None and es["best_step"] % 2 == 0  # evaluated every 2 steps

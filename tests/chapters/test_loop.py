@@ -11,25 +11,9 @@ from minilife.checkpoint import NonFiniteLossError
 from minilife.model.transformer import GPT, ModelConfig
 from minilife.optim.adamw import AdamW
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TOKENS = np.random.default_rng(0).integers(0, 50, 3000).astype(np.uint16)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are too small to gain from a second thread; on a shared machine the hand-offs
-    between threads cost more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def smoke_data(tmp_path_factory):
-    """The smoke world (tokenizer + shards), built once per session at a path all chapter tests share."""
-    from minilife.chapters.ch2_data import ensure_data
-
-    return str(ensure_data(smoke=True, data_dir=str(tmp_path_factory.getbasetemp() / "loop_ch2_data_smoke")))
 
 
 def test_unigram_entropy_matches_formula():
@@ -77,11 +61,11 @@ def test_optimizer_step_refuses_a_nan_loss_without_updating(tmp_path):
     assert all(torch.equal(before[k], after[k]) or torch.isnan(before[k]).all() for k in before)
 
 
-def test_tokenizer_that_does_not_match_the_shards_is_an_error(smoke_data, tmp_path):
+def test_tokenizer_that_does_not_match_the_shards_is_an_error(smoke_data_dir, tmp_path):
     from minilife.data.bpe import train_bpe
 
     copy = tmp_path / "data"
-    shutil.copytree(smoke_data, copy)
+    shutil.copytree(smoke_data_dir, copy)
     train_bpe(["a small text to learn a few merges from"] * 4, 260).save(copy / "tokenizer.json")
     with pytest.raises(ValueError, match="vocab_size"):
         L.load_data(True, str(copy))

@@ -186,6 +186,9 @@ def test_encode_batch_matches_encode():
     assert tok.encode_batch(texts, allowed_special="all") == [tok.encode(t, "all") for t in texts]
     with pytest.raises(TypeError, match="list of texts"):
         tok.encode_batch("one text")
+    for encode in (tok.encode, tok.encode_fast):  # not an AttributeError from deep inside
+        with pytest.raises(TypeError, match=r"text must be a str, got bytes"):
+            encode(b"the quick")
 
 
 def test_special_tokens():

@@ -32,6 +32,14 @@ def test_normalise_cases():
         clean.normalise("x", "NFD")
 
 
+@pytest.mark.parametrize("fn", [clean.normalise, clean.gopher_stats, clean.gopher_check, clean.find_pii,
+                                clean.mask_pii])
+def test_non_text_input_names_the_function(fn):
+    # bytes/None must not surface as a str/bytes mix-up or an AttributeError from deep inside
+    with pytest.raises(TypeError, match=r"(normalise|gopher_stats|find_pii|mask_pii): text must be a str, got bytes"):
+        fn(b"some bytes")
+
+
 @given(st.text(max_size=200))
 def test_normalise_is_idempotent_and_clean(text):
     once = clean.normalise(text)

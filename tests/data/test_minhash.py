@@ -301,6 +301,8 @@ def test_bad_input_names_the_argument():
         mh.signatures(["ok", b"bytes"])
     with pytest.raises(ValueError, match="num_perm"):
         mh.signatures(["a"], num_perm=0)
+    with pytest.raises(TypeError, match="not one str"):  # one str is not a list of one-character docs
+        mh.signatures("one document")
     with pytest.raises(ValueError, match="family"):
         mh.signatures(["a"], family="sha1")
     with pytest.raises(ValueError, match="32-bit"):

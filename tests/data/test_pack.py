@@ -194,3 +194,5 @@ def test_get_batch_errors():
         get_batch(np.zeros(40), 2, 8)
     with pytest.raises(ValueError, match="batch_size=0"):
         get_batch(np.arange(40), 0, 8)
+    with pytest.raises(TypeError, match="context_length=8.0 must be an int"):  # not torch.randint's error
+        get_batch(np.arange(40), 2, 8.0)

@@ -4,11 +4,11 @@
   log-sum-exps and gradients dq, dk, dv are compared with ``attention_naive`` run in float64 on the
   same (already rounded) inputs, and the LSE with ``torch.logsumexp``; ragged T (not a multiple of
   the tile), several head dims, small tiles so the multi-tile loops and causal diagonal tiles run.
-- On CPU the Triton kernels run under ``TRITON_INTERPRET=1``; on a CUDA machine the same tests also
-  run the compiled kernels (the "cuda" cases; skipped with a reason where there is no CUDA).
-  Triton 3.9 reads TRITON_INTERPRET when ``@triton.jit`` *defines* a kernel (not at launch); our
-  kernels are defined lazily per mode, and ``_triton_mode`` sets the variable around each call.
-  It is also set here at import time, before anything imports triton, for other kernel modules.
+- Where there is no CUDA, the Triton kernels run on CPU under ``TRITON_INTERPRET=1``, set below
+  before anything imports triton: triton 3.9 reads it when ``@triton.jit`` defines a function, and
+  its own ``tl.max``/``tl.sum`` are defined at ``import triton``, so the mode is fixed per process.
+  On a CUDA machine (variable unset) the same tests run the compiled kernels on the GPU instead.
+  ``test_compiled_kernels_build_for_sm90_without_a_gpu`` compiles them for an H100 in a subprocess.
 
 Tolerances (one error model for every dtype and tier, stated once):
     err <= 8 * max(1, max|reference|) * (eps(dtype) + eps(fp32) * max|S|)
@@ -22,15 +22,19 @@ where S are the scaled scores (computed in float64 here) and eps is machine epsi
   by >= 1e-2, i.e. ~1e5 fp32 units.
 - float64 (torch tier only): eps(float64) in both places.
 """
-import contextlib
+import importlib.util
 import os
+import subprocess
 import sys
+import textwrap
 import warnings
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before minilife.kernels can import triton
+import torch  # does not import triton
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before minilife.kernels can import triton
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -42,22 +46,11 @@ from minilife.kernels.reference import attention_naive  # noqa: E402
 
 EPS = {torch.float64: 2.0**-52, torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 HAS_CUDA = torch.cuda.is_available()
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not HAS_CUDA, reason="no CUDA device: compiled Triton kernels are only tested on a GPU"))]
-
-
-@contextlib.contextmanager
-def _triton_mode(device: str):
-    """CPU tensors run the kernels in the interpreter; CUDA tensors run them compiled."""
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1" if device == "cpu" else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
+# where the Triton kernels run in this process (see the module docstring)
+DEVICE = "cpu" if mk.interpreting() else ("cuda" if HAS_CUDA else None)
+needs_triton = pytest.mark.skipif(
+    DEVICE is None or not mk.triton_available(),
+    reason="Triton cannot run here: no CUDA and TRITON_INTERPRET is not set (or triton is missing)")
 
 
 def _inputs(B, H, T, D, dtype, device, seed):
@@ -108,15 +101,14 @@ def _scale(scale_mult, D):
     return None if scale_mult is None else scale_mult / D**0.5
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@needs_triton
 @given(D=st.sampled_from([1, 16, 24, 32, 64, 128]), dtype=st.sampled_from([torch.float32, torch.float16]),
        blocks=st.sampled_from([(16, 16), (16, 32), (32, 16), (64, 64)]), **SHAPES)
-def test_triton_matches_float64_reference(device, B, H, T, D, dtype, blocks, causal, scale_mult, seed):
+def test_triton_matches_float64_reference(B, H, T, D, dtype, blocks, causal, scale_mult, seed):
     def run(q, k, v, causal, scale):
         return flash_attention(q, k, v, causal, scale, return_lse=True, blocks=blocks)
 
-    with _triton_mode(device):
-        _check_against_reference(run, B, H, T, D, dtype, device, causal, _scale(scale_mult, D), seed)
+    _check_against_reference(run, B, H, T, D, dtype, DEVICE, causal, _scale(scale_mult, D), seed)
 
 
 @given(D=st.integers(1, 40), dtype=st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16]),
@@ -128,44 +120,41 @@ def test_torch_tiled_matches_float64_reference(B, H, T, D, dtype, block_q, block
     _check_against_reference(run, B, H, T, D, dtype, "cpu", causal, _scale(scale_mult, D), seed)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@needs_triton
 @pytest.mark.parametrize("D", [16, 32, 64, 128, 40])
-def test_triton_head_dims(device, D):
-    """The powers of two run unpadded; 40 is padded to 64 with masked loads."""
-    with _triton_mode(device):
-        run = lambda q, k, v, c, s: flash_attention(q, k, v, c, s, return_lse=True)  # noqa: E731
-        _check_against_reference(run, 1, 2, 33, D, torch.float32, device, True, None, seed=D)
+def test_triton_head_dims(D):
+    """The powers of two run unpadded; 40 is padded to 64 with masked loads. Default tiles."""
+    run = lambda q, k, v, c, s: flash_attention(q, k, v, c, s, return_lse=True)  # noqa: E731
+    _check_against_reference(run, 1, 2, 33, D, torch.float32, DEVICE, True, None, seed=D)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@needs_triton
 @pytest.mark.parametrize("T, causal", [(37, True), (20, False)])
-def test_triton_bfloat16(device, T, causal):
+def test_triton_bfloat16(T, causal):
     """bf16 storage: inputs, output and grads stay bf16 and match float64 within bf16 rounding.
 
     The interpreter's tl.dot multiplies bf16 *bit patterns* (triton-lang/triton#11584), so under the
     interpreter the kernels upcast bf16 tiles to fp32 right after loading (still rounding P and dS to
     bf16 as the GPU path does); on CUDA the tiles go to the tensor cores as bf16.
     """
-    with _triton_mode(device):
-        run = lambda q, k, v, c, s: flash_attention(q, k, v, c, s, return_lse=True, blocks=(16, 32))  # noqa: E731
-        _check_against_reference(run, 2, 2, T, 32, torch.bfloat16, device, causal, None, seed=T)
+    run = lambda q, k, v, c, s: flash_attention(q, k, v, c, s, return_lse=True, blocks=(16, 32))  # noqa: E731
+    _check_against_reference(run, 2, 2, T, 32, torch.bfloat16, DEVICE, causal, None, seed=T)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_triton_matches_sdpa_and_non_contiguous_inputs(device):
+@needs_triton
+def test_triton_matches_sdpa_and_non_contiguous_inputs():
     """Second, independent reference (torch's SDPA, fp32); (B, T, H, D) views give the same answer."""
-    with _triton_mode(device):
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(3, 2, 29, 4, 16, generator=gen).to(device)  # (3 [q k v], B, T, H, D)
-        q, k, v = (t.transpose(1, 2) for t in x)  # (B, H, T, D) views, not contiguous
-        assert not q.is_contiguous()
-        out = flash_attention(q, k, v, causal=True, blocks=(16, 16))
-        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        s_max = (q @ k.transpose(-2, -1)).abs().max().item() / 4  # scores at the default 1/sqrt(16)
-        _assert_close(out, ref.double(), torch.float32, "output vs SDPA", s_max)  # SDPA fp32 errs too: ~same size
-        # the kernel copies to contiguous first: same data, same deterministic kernel -> same bits
-        same = flash_attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True, blocks=(16, 16))
-        assert torch.equal(out, same)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 29, 4, 16, generator=gen).to(DEVICE)  # (3 [q k v], B, T, H, D)
+    q, k, v = (t.transpose(1, 2) for t in x)  # (B, H, T, D) views, not contiguous
+    assert not q.is_contiguous()
+    out = flash_attention(q, k, v, causal=True, blocks=(16, 16))
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    s_max = (q @ k.transpose(-2, -1)).abs().max().item() / 4  # scores at the default 1/sqrt(16)
+    _assert_close(out, ref.double(), torch.float32, "output vs SDPA", s_max)  # SDPA's fp32 error is alike
+    # the kernel copies to contiguous first: same data, same deterministic kernel -> same bits
+    same = flash_attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True, blocks=(16, 16))
+    assert torch.equal(out, same)
 
 
 def test_fallback_when_triton_cannot_run_on_cpu(monkeypatch):
@@ -224,14 +213,65 @@ def test_bad_inputs_raise_clear_errors(make, err, match):
             flash_attention(*make(q))
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU with ~40 GB: 2^31+ elements per tensor")
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs compiled Triton on a CUDA GPU with ~40 GB free")
 def test_triton_int64_offsets_past_2_to_31_elements():
     """B*H*T*D > 2^31: the (batch, head) base offset must be int64, or the last heads read garbage."""
     B, H, T, D = 33, 128, 4096, 128  # 2.2e9 elements per tensor, fp16
-    with _triton_mode("cuda"):
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.float16, generator=gen) for _ in range(3))
-        out = flash_attention(q, k, v, causal=True)
-        last = attention_naive(*(t[-1:, -1:].double() for t in (q, k, v)), causal=True)
-        s_max = (q[-1, -1].double() @ k[-1, -1].double().T).abs().max().item() * D**-0.5
-        _assert_close(out[-1:, -1:], last, torch.float16, "output of the last (batch, head)", s_max)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.float16, generator=gen) for _ in range(3))
+    out = flash_attention(q, k, v, causal=True)
+    last = attention_naive(*(t[-1:, -1:].double() for t in (q, k, v)), causal=True)
+    s_max = (q[-1, -1].double() @ k[-1, -1].double().T).abs().max().item() * D**-0.5
+    _assert_close(out[-1:, -1:], last, torch.float16, "output of the last (batch, head)", s_max)
+
+
+_AOT_SCRIPT = textwrap.dedent("""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from minilife.kernels import flash_attention as fa
+
+    ks = fa._kernels()
+    assert not ks.INTERPRETED and ks.fwd_tuned is not None  # compiled mode: autotuning on
+    P = "*fp16"
+    meta = dict(HEAD_DIM=40, BLOCK_D=64, BLOCK_M=64, BLOCK_N=32, CAUSAL=True, PRECISION="tf32", UPCAST=False)
+    jobs = [
+        (ks.fwd, dict(Q=P, K=P, V=P, O=P, LSE="*fp32", qk_scale="fp32", T="i32"), meta),
+        (ks.bwd_preprocess, dict(O=P, DO=P, DELTA="*fp32", T="i32"), dict(HEAD_DIM=40, BLOCK_D=64, BLOCK_M=64)),
+        (ks.bwd_dkdv, dict(Q=P, K=P, V=P, DO=P, LSE="*fp32", DELTA="*fp32", DK=P, DV=P, sm_scale="fp32",
+                           T="i32"), meta),
+        (ks.bwd_dq, dict(Q=P, K=P, V=P, DO=P, LSE="*fp32", DELTA="*fp32", DQ=P, sm_scale="fp32", T="i32"),
+         dict(meta, CAUSAL=False)),
+    ]
+    for fn, sig, consts in jobs:
+        sig = {**sig, **{name: "constexpr" for name in consts}}
+        k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+        mma = "mma" in k.asm["ptx"]
+        print(fn.__name__, len(k.asm["cubin"]), mma)
+""")
+
+
+def test_compiled_kernels_build_for_sm90_without_a_gpu(tmp_path):
+    """The non-interpreted path (what a GPU runs) goes through Triton's whole compiler for an H100.
+
+    Without a GPU the interpreter tests alone would never catch a construct that only the Triton
+    compiler rejects. A fresh process is needed because the mode is fixed at ``import triton``;
+    it compiles every kernel (TTIR -> PTX -> cubin with the ptxas bundled in the triton wheel) for
+    sm_90, fp16, and checks the three matmul kernels use the tensor cores (mma instructions).
+    """
+    triton_spec = importlib.util.find_spec("triton")
+    if triton_spec is None:
+        pytest.skip("triton is not installed")
+    ptxas = os.path.join(os.path.dirname(triton_spec.origin), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("triton's NVIDIA backend (bundled ptxas) is not installed")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path),  # fresh, outside the repo
+           "TRITON_DEFAULT_FP_FUSION": "1"}
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = dict((ln.split()[0], ln.split()[1:]) for ln in proc.stdout.splitlines())
+    assert set(lines) == {"fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq"}
+    for name, (cubin_bytes, mma) in lines.items():
+        assert int(cubin_bytes) > 0, name
+        assert mma == ("False" if name == "bwd_preprocess" else "True"), name

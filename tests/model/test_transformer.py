@@ -123,6 +123,12 @@ def test_bad_inputs(model64):
         model64(torch.full((1, 4), V))
     with pytest.raises(ValueError, match="targets must have the same shape"):
         model64(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=f"target {V} .*vocab_size={V}"):  # not torch's bare IndexError
+        model64(torch.zeros(1, 4, dtype=torch.long), torch.tensor([[1, -100, V, 2]]))
+    with pytest.raises(ValueError, match="target -1 is outside"):  # -1 is not the ignore_index
+        model64(torch.zeros(1, 4, dtype=torch.long), torch.full((1, 4), -1))
+    with pytest.raises(TypeError, match="targets must be an integer tensor"):
+        model64(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4))
     with pytest.raises(ValueError, match="reduction"):
         model64(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long), reduction="avg")
     with pytest.raises(ValueError, match=r"\(B, T\)"):

@@ -57,6 +57,8 @@ def test_no_grads_and_bad_max_norm():
     assert clip_grad_norm([torch.zeros(3, requires_grad=True)], 1.0) == 0.0
     with pytest.raises(ValueError, match="max_norm"):
         clip_grad_norm(_params(0, 1.0), 0.0)
+    with pytest.raises(TypeError, match=r"parameters\[1\] is float"):  # not an AttributeError on .grad
+        clip_grad_norm([torch.zeros(2, requires_grad=True), 1.0], 1.0)
 
 
 def test_single_tensor_and_float32():
