@@ -45,7 +45,7 @@ from minilife.data import clean, minhash
 from minilife.data.world import SOURCES, WorldConfig, make_wiki, world_stats
 
 CHAPTER = "ch2_data"
-SPECIALS = ("<|endoftext|>",)
+SPECIALS = ("<|endoftext|>", "<|mask|>")  # end of document; the masked-LM objective's [MASK]
 _DEFAULTS = {False: dict(world_kb=3000, vocab_size=2048), True: dict(world_kb=150, vocab_size=320)}
 
 
@@ -74,7 +74,7 @@ class DataConfig:
                 setattr(self, k, v)
         if self.vocab_size < 256 + len(SPECIALS):
             raise ValueError(f"--vocab-size {self.vocab_size}: must be at least 256 byte tokens + "
-                             f"{len(SPECIALS)} special = {256 + len(SPECIALS)}")
+                             f"{len(SPECIALS)} specials = {256 + len(SPECIALS)}")
         if self.world_kb < 5:
             raise ValueError(f"--world-kb {self.world_kb}: must be at least 5")
         if not 0.0 < self.near_threshold < 1.0:
@@ -180,7 +180,7 @@ def mix_sources(train_docs: list[tuple[str, str, str]], cfg: "DataConfig") -> tu
 def compression_table(tok, val_docs: list[tuple[str, str, str]], tokenizer_cls) -> dict:
     """Tokens per word on the validation documents for every merge-list prefix (and per source)."""
     n_special = len(tok.special_tokens)
-    sizes = sorted({v for v in (257, 288, 320, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+    sizes = sorted({v for v in (256 + n_special, 288, 320, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
                     if v < tok.vocab_size} | {tok.vocab_size})
     groups = {"all": [t for _, _, t in val_docs]}
     for source in SOURCES:
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = compression["vocab_sizes"]
     plot_lines(out / "compression.png", {"all": (sizes, compression["all"]),
                                          **{s: (sizes, v) for s, v in compression["by_source"].items()}},
-               title="tokens per word vs BPE vocabulary (validation documents)", xlabel="vocab size (merges + 257)",
+               title="tokens per word vs BPE vocabulary (validation documents)", xlabel="vocab size (256 bytes + merges + specials)",
                ylabel="tokens per word")
     print("    tokens/word at vocab " + ", ".join(f"{v}: {r:.2f}" for v, r in zip(sizes, compression["all"])))
     step("bpe", len(train_docs), 0, vocab_size=tok.vocab_size, compression=compression)

@@ -19,7 +19,7 @@ def test_help(capsys):
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["--vocab-size", "100"], "--vocab-size 100: must be at least 256 byte tokens + 1 special = 257"),
+    (["--vocab-size", "100"], "--vocab-size 100: must be at least 256 byte tokens + 2 specials = 258"),
     (["--mix", "policy=abc"], "--mix: weight 'abc' of policy is not a number"),
     (["--mix", "wiki=2"], "--mix: 'wiki=2' is not SOURCE=WEIGHT"),
     (["--near-threshold", "1.5"], "--near-threshold 1.5"),
@@ -95,9 +95,9 @@ def test_smoke_run_via_ensure_data(capsys, tmp_path):
     corpus = [json.loads(line)["text"] for line in (data_dir / "corpus.jsonl").read_text().splitlines()]
     assert set(val_docs) | train_docs <= set(corpus)
 
-    # compression: bytes only (vocab 257) is exactly UTF-8 bytes per word; more merges never cost tokens
+    # compression: bytes only (vocab 256 + 2 specials) is exactly UTF-8 bytes per word; more merges never cost tokens
     comp = steps["bpe"]["compression"]
-    assert comp["vocab_sizes"][0] == 257 and comp["vocab_sizes"][-1] == 320
+    assert comp["vocab_sizes"][0] == 258 and comp["vocab_sizes"][-1] == 320
     words = sum(len(d.split()) for d in val_docs)
     assert comp["all"][0] == pytest.approx(sum(len(d.encode("utf-8")) for d in val_docs) / words, rel=1e-12)
     assert all(a >= b for a, b in zip(comp["all"], comp["all"][1:]))
