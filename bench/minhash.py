@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from minilife.data import minhash as mh  # noqa: E402
+from minilife.data import lsh, minhash as mh  # noqa: E402
 from minilife.data.world import WorldConfig, make_wiki  # noqa: E402
 
 DEFAULT_FAMILY = inspect.signature(mh.signatures).parameters["family"].default
@@ -129,7 +129,7 @@ def quality(docs, num_perm, threshold):
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for fam in mh.FAMILIES:
         t0 = time.perf_counter()
-        res = mh.near_duplicates(texts, threshold=threshold, num_perm=num_perm, family=fam)
+        res = lsh.near_duplicates(texts, threshold=threshold, num_perm=num_perm, family=fam)
         secs = time.perf_counter() - t0
         label = {i: c[0] for c in res.clusters for i in c}
         together = lambda i, j: i in label and label.get(i) == label.get(j)  # noqa: E731
@@ -141,7 +141,7 @@ def quality(docs, num_perm, threshold):
         copies = {i for i, d in enumerate(docs) if d.exact_dup_of or d.near_dup_of}
         drop_precision = len(set(res.drop) & copies) / max(len(res.drop), 1)
         met = recall >= 0.9 and precision >= 0.95
-        s_at = float(mh.s_curve(threshold, res.bands, res.rows))
+        s_at = float(lsh.s_curve(threshold, res.bands, res.rows))
         print(f"| {fam} | {res.bands} x {res.rows} | {s_at:.3f} | {res.n_candidates} | {res.n_verified} | "
               f"{recall:.3f} ({len(above)} pairs) | {recall_below:.3f} ({len(near_below)} pairs) | "
               f"{precision:.3f} ({len(res.edges)} edges) | {drop_precision:.3f} ({len(res.drop)} dropped) | "

@@ -41,7 +41,7 @@ import numpy as np
 
 from minilife.common import (MetricsLogger, chapter_dir, cli_field, config_from_args, fmt_count, plot_lines,
                              write_json_atomic)
-from minilife.data import clean, minhash
+from minilife.data import clean, lsh, minhash
 from minilife.data.world import SOURCES, WorldConfig, make_wiki, world_stats
 
 CHAPTER = "ch2_data"
@@ -253,10 +253,10 @@ def main(argv: list[str] | None = None) -> dict:
     step("line_dedup", len(alive), 0, lines=len(lines), cuts=cut_ok + cut_bad, **pr_lines)
 
     # 4. near dedup -----------------------------------------------------------------------------
-    bands, rows = minhash.pick_bands_rows(cfg.near_threshold, cfg.num_perm, fp_weight=1 - cfg.lsh_recall_weight,
-                                          fn_weight=cfg.lsh_recall_weight)
-    nd = minhash.near_duplicates([texts[i] for i in alive], threshold=cfg.near_threshold, num_perm=cfg.num_perm,
-                                 bands=bands, rows=rows, seed=cfg.seed)
+    bands, rows = lsh.pick_bands_rows(cfg.near_threshold, cfg.num_perm, fp_weight=1 - cfg.lsh_recall_weight,
+                                      fn_weight=cfg.lsh_recall_weight)
+    nd = lsh.near_duplicates([texts[i] for i in alive], threshold=cfg.near_threshold, num_perm=cfg.num_perm,
+                             bands=bands, rows=rows, seed=cfg.seed)
     dropped = {alive[k] for k in nd.drop}
     by_id = {d.doc_id: i for i, d in enumerate(world)}
     alive_set = set(alive)
@@ -277,13 +277,13 @@ def main(argv: list[str] | None = None) -> dict:
     bins = np.linspace(0.0, 1.0, 21)
     xs, rates, counts = s_curve_points(texts, planted_pairs, cfg, bands, rows, bins)
     grid = np.linspace(0, 1, 201)
-    plot_lines(out / "lsh_s_curve.png", {f"1-(1-J^{rows})^{bands}": (grid, minhash.s_curve(grid, bands, rows)),
+    plot_lines(out / "lsh_s_curve.png", {f"1-(1-J^{rows})^{bands}": (grid, lsh.s_curve(grid, bands, rows)),
                                          f"threshold {cfg.near_threshold}": ([cfg.near_threshold] * 2, [0, 1])},
                points={"planted pairs (measured)": (xs, rates)},
                title="LSH candidate probability vs Jaccard", xlabel="word 5-gram Jaccard", ylabel="P(candidate)")
     step("near_dedup", len(alive), len(dropped), bands=bands, rows=rows, candidates=nd.n_candidates,
          recall_all_planted=recall_all, s_curve={"jaccard": xs, "measured": rates, "pairs": counts,
-                                                 "predicted": [float(minhash.s_curve(x, bands, rows)) for x in xs]},
+                                                 "predicted": [float(lsh.s_curve(x, bands, rows)) for x in xs]},
          **pr)
 
     # 5. quality filters ------------------------------------------------------------------------

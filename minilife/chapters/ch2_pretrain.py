@@ -11,8 +11,8 @@ What it implements (read ``main`` top to bottom; it is the loop)
   sides; Devlin et al. 2019). Each is evaluated on its *own* objective, and those val losses are
   not comparable: they average over different token sets (all tokens / suffix tokens / masked
   tokens) given different information (left context / prefix + left / both sides). MLM scores only
-  masked positions while seeing both neighbours, so its loss is lower per token without the model
-  being a better generator -- it cannot generate left to right at all.
+  the ~15% masked positions (about 7x fewer training signals per step, so it learns slower at a
+  fixed step budget) while seeing both neighbours -- and it cannot generate left to right at all.
 - optimisation: AdamW (Loshchilov & Hutter 2019) with decay only on 2-D weights, linear warmup then
   cosine decay (``warmup_cosine_lr``), global-norm clipping (the pre-clip norm is logged),
   gradient accumulation with *token-weighted* normalisation: every micro-batch's loss is a sum

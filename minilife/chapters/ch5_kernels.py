@@ -13,8 +13,8 @@ What it does (read ``main`` top to bottom)
    ``minilife.kernels.fused_linear_ce``, ``bench_attention`` in ``minilife.kernels.flash_attention``);
    on a CPU they say "n/a".
 
-How memory is measured. On CUDA: ``torch.cuda.max_memory_allocated`` minus what was allocated before.
-On CPU torch keeps no allocator statistics, so ``peak_tensor_bytes`` (in
+How memory is measured. On CUDA: the allocator's peak (``max_memory_allocated``) minus what was
+allocated before. On CPU torch keeps no allocator statistics, so ``peak_tensor_bytes`` (in
 ``minilife.kernels.flash_attention_torch``) counts it: a ``TorchDispatchMode`` sees every op the
 forward and backward run, adds the bytes of each new output storage, and a weakref finalizer
 subtracts them when the storage is freed; the peak of that running total is reported. It counts
