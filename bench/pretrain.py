@@ -7,9 +7,10 @@ causal attention, SwiGLU, tied embeddings, mean cross-entropy):
 - reference (written here from torch only): ``nn.Embedding``, ``nn.RMSNorm``, ``nn.Linear``,
   ``F.scaled_dot_product_attention(is_causal=True)``, ``F.silu``, ``F.cross_entropy``,
   ``torch.optim.AdamW`` (same groups: decay on 2-D weights) and ``torch.nn.utils.clip_grad_norm_``.
-  RoPE is written minimally in the rotate-half form (x*cos + rotate_half(x)*sin, LLaMA's), which costs
-  the same as minilife's adjacent-pair form; the two pair channels differently, so the weights are
-  not interchangeable, but every op count matches.
+  RoPE is written minimally in the rotate-half form (x*cos + rotate_half(x)*sin, LLaMA's), while
+  minilife uses the adjacent-pair form; the two pair channels differently (so the weights are not
+  interchangeable) and do the same multiply-adds, but their elementwise kernels are not timed
+  separately: the ratio includes whatever the two RoPE forms cost differently.
 
 One timed unit is a full training step (forward, backward, clip, optimizer step, zero_grad) on the
 same batch for every side. Sides are interleaved within each repeat, after warmup steps, so drifting
@@ -61,7 +62,8 @@ class RefBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(self.attn_norm(x)).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(self.attn_norm(x)).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, H, D)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin  # (B, H, T, D)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
         x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
@@ -70,12 +72,14 @@ class RefBlock(nn.Module):
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) halves of the last dim -> (-x2, x1)."""
+    """(x1, x2) halves of the last dim -> (-x2, x1); x: (..., D) -> (..., D)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
 class RefGPT(nn.Module):
+    """The reference decoder: token embedding, ``RefBlock`` x L, RMSNorm, tied LM head."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
@@ -93,12 +97,13 @@ class RefGPT(nn.Module):
                 nn.init.normal_(p, std=0.02)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """idx, targets: (B, T) long -> mean cross-entropy, a 0-d tensor."""
         T = idx.shape[1]
         x = self.emb(idx)  # (B, T, C)
         for block in self.blocks:
             x = block(x, self.cos[:T], self.sin[:T])
         logits = F.linear(self.norm(x), self.emb.weight)  # tied head, (B, T, V)
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), targets.view(-1))  # (B*T, V)
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), targets.view(-1))  # (B*T, V), (B*T,)
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,6 +173,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast sides")
     p.add_argument("--quick", action="store_true", help="tiny shapes and 2 repeats (a smoke check)")
     a = p.parse_args(argv)
+    for flag in ("n_layer", "n_head", "n_embd", "context_length", "batch_size", "vocab_size", "repeats"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
+    if a.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {a.warmup}")
     if a.quick:
         a.n_layer, a.n_head, a.n_embd, a.context_length, a.batch_size, a.repeats, a.warmup = 2, 2, 64, 64, 4, 2, 1
     cfg = ModelConfig(vocab_size=a.vocab_size, context_length=a.context_length, n_layer=a.n_layer,
@@ -222,8 +232,9 @@ def main(argv: list[str] | None = None) -> dict:
     for n, r in ratios.items():
         print(f"| {n} | {r['min']:.3f} | {r['median']:.3f} |")
     mfu = tps["minilife sdpa fp32"]["median"] * flops_tok / peak["fp32"]
-    print(f"\nmatmul peak ({n_peak}^3, best of 10): fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} "
-          f"GFLOP/s; model FLOPs/token {flops_tok / 1e6:.1f} M")
+    bf16_peak = "skipped" if a.no_bf16 else f"{peak['bf16'] / 1e9:.1f} GFLOP/s"
+    print(f"\nmatmul peak ({n_peak}^3, best of 10): fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {bf16_peak}; "
+          f"model FLOPs/token {flops_tok / 1e6:.1f} M")
     print(f"minilife sdpa fp32 MFU (median) = {mfu:.2f} (goal >= 0.6); "
           f"ratio vs reference (median) = {ratios['minilife sdpa / reference (fp32)']['median']:.3f} (goal >= 0.95)")
     return {"tokens_per_s": tps, "ratios": ratios, "mfu": mfu, "peak_flops": peak, "flops_per_token": flops_tok}

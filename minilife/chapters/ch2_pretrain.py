@@ -49,14 +49,14 @@ from typing import Literal, Optional
 import torch
 from tqdm import tqdm
 
-from minilife.chapters.loop import (BatchSource, evaluate, load_data, mlm_mask_id, optimizer_step, sample_text,
-                                    unigram_entropy)
+from minilife.chapters.loop import (BatchSource, check_flags, evaluate, load_data, mlm_mask_id, optimizer_step,
+                                    sample_text, unigram_entropy)
 from minilife.checkpoint import (CheckpointError, NonFiniteLossError, latest_checkpoint, load_checkpoint,
                                  read_checkpoint, save_rotating)
 from minilife.common import (MetricsLogger, chapter_dir, cli_field, config_from_args, fmt_count, pick_device,
                              plot_lines, read_jsonl, seed_everything, write_json_atomic)
 from minilife.data.bpe import Tokenizer
-from minilife.model.transformer import GPT, PRESETS, ModelConfig
+from minilife.model.transformer import GPT, ModelConfig
 from minilife.optim.adamw import AdamW
 from minilife.optim.schedule import warmup_cosine_lr
 
@@ -111,20 +111,15 @@ class PretrainConfig:
     nan_at_step: Optional[int] = cli_field(None, "fault injection: make the loss NaN at this step")
 
     def __post_init__(self):
-        for name in ("grad_accum", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("n_layer", "n_head", "n_embd", "context_length", "batch_size", "max_steps",
-                     "eval_every", "eval_batches", "ckpt_every"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+        check_flags(self, at_least=dict(grad_accum=1, keep_checkpoints=1, n_layer=1, n_head=1, n_embd=1,
+                                        context_length=1, batch_size=1, max_steps=1, eval_every=1, eval_batches=1,
+                                        ckpt_every=1, weight_decay=0, grad_clip=0, sample_tokens=0, stop_after=1,
+                                        nan_at_step=0), presets=("preset",))
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):  # written so that NaN fails too
             raise ValueError(f"need 0 <= --min-lr <= --lr and --lr > 0, got lr={self.lr} min_lr={self.min_lr}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.preset not in PRESETS:
-            raise ValueError(f"--preset {self.preset!r}: choose one of {sorted(PRESETS)}")
+        for name, lo, hi in (("dropout", 0.0, 1.0), ("beta1", 0.0, 1.0), ("beta2", 0.0, 1.0)):
+            if not lo <= getattr(self, name) < hi:
+                raise ValueError(f"--{name} must be in [{lo:g}, {hi:g}), got {getattr(self, name)}")
         max_steps = self.max_steps if self.max_steps is not None else _DEFAULTS[self.smoke]["max_steps"]
         if self.warmup_steps is not None and not 0 <= self.warmup_steps <= max_steps:
             raise ValueError(f"--warmup-steps {self.warmup_steps} must be in [0, --max-steps {max_steps}]")
@@ -260,9 +255,9 @@ def main(argv: list[str] | None = None) -> dict:
                 logger.log(step=step, event="non-finite", message=str(e))
                 raise
             train_time += time.perf_counter() - t0
-            trained_tokens += res.n_tokens
+            trained_tokens += tokens_per_step  # input tokens through forward+backward (MLM scores ~15% of them)
             done = step + 1
-            row = {"step": done, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm, "tokens": res.n_tokens}
+            row = {"step": done, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm, "scored_tokens": res.n_tokens}
             if done % cfg.eval_every == 0 or done == cfg.max_steps:
                 val_loss = evaluate(model, val_src, cfg.eval_batches, cfg.precision)
                 row.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))

@@ -37,8 +37,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
-from minilife.chapters.loop import (BatchSource, batch_loss_sum, load_data, n_targets, optimizer_step,
-                                           train_steps)
+from minilife.chapters.loop import (BatchSource, batch_loss_sum, check_flags, load_data, n_targets, optimizer_step,
+                                    train_steps)
 from minilife.checkpoint import load_checkpoint, save_checkpoint
 from minilife.common import (MetricsLogger, chapter_dir, cli_field, config_from_args, fmt_count, pick_device,
                              seed_everything, write_json_atomic)
@@ -70,10 +70,14 @@ class CheckpointingConfig:
     gc_repeats: Optional[int] = cli_field(None, "timed repeats per side, interleaved (default 15; smoke 2)")
 
     def __post_init__(self):
-        if self.steps is not None and self.steps < 2:
-            raise ValueError(f"--steps must be >= 2, got {self.steps}")
-        if self.kill_at is not None and (self.kill_at < 1 or (self.steps is not None and self.kill_at >= self.steps)):
-            raise ValueError(f"--kill-at must be in [1, steps), got {self.kill_at}")
+        check_flags(self, at_least=dict(batch_size=1, context_length=1, dropout=0, steps=2, kill_at=1,
+                                        gc_batch_size=1, gc_context_length=1, gc_repeats=1),
+                    above=dict(lr=0), presets=("preset", "gc_preset"))
+        if not self.dropout < 1:
+            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        steps = self.steps if self.steps is not None else (6 if self.smoke else 40)
+        if self.kill_at is not None and self.kill_at >= steps:
+            raise ValueError(f"--kill-at {self.kill_at} must be smaller than --steps {steps}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,7 +185,8 @@ class LiveBytes(TorchDispatchMode):
 
 
 def memory_of_step(model: GPT, batch) -> tuple[int, int, list[torch.Tensor]]:
-    """(bytes held when forward ends, peak bytes during forward+backward, gradients) of one step."""
+    """(bytes held when forward ends, peak bytes during forward+backward, gradients shaped like their
+    parameters) of one step on ``batch`` (inputs, targets (B, T))."""
     model.zero_grad(set_to_none=True)
     with LiveBytes() as meter:
         loss = batch_loss_sum(model, batch) / n_targets(batch)
@@ -194,6 +199,7 @@ def memory_of_step(model: GPT, batch) -> tuple[int, int, list[torch.Tensor]]:
 
 
 def time_of_step(model: GPT, batch) -> float:
+    """Seconds of one forward + backward (mean loss) on ``batch`` (inputs, targets (B, T))."""
     t0 = time.perf_counter()
     (batch_loss_sum(model, batch) / n_targets(batch)).backward()
     model.zero_grad(set_to_none=True)
@@ -227,12 +233,10 @@ def gradient_checkpointing_experiment(model: GPT, batch, repeats: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     cfg: CheckpointingConfig = config_from_args(CheckpointingConfig, argv, prog=f"python -m minilife.chapters.{CHAPTER}")
     steps = cfg.steps if cfg.steps is not None else (6 if cfg.smoke else 40)
-    kill_at = cfg.kill_at if cfg.kill_at is not None else steps // 2
-    if kill_at >= steps:
-        raise SystemExit(f"--kill-at {kill_at} must be smaller than --steps {steps}")
+    kill_at = cfg.kill_at if cfg.kill_at is not None else steps // 2  # in [1, steps): checked in __post_init__
     gc_preset = cfg.gc_preset or ("micro" if cfg.smoke else "tiny")
-    gc_t = cfg.gc_context_length or (64 if cfg.smoke else 128)
-    repeats = cfg.gc_repeats or (2 if cfg.smoke else 15)
+    gc_t = cfg.gc_context_length if cfg.gc_context_length is not None else (64 if cfg.smoke else 128)
+    repeats = cfg.gc_repeats if cfg.gc_repeats is not None else (2 if cfg.smoke else 15)
     out = chapter_dir(CHAPTER, cfg.smoke, cfg.out)
     device = pick_device(cfg.device)
     data_dir, tokenizer, train_tokens, _ = load_data(cfg.smoke, cfg.data_dir)

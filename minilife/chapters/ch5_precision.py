@@ -37,7 +37,7 @@ from typing import Optional
 
 import torch
 
-from minilife.chapters.loop import BatchSource, load_data, train_steps
+from minilife.chapters.loop import BatchSource, check_flags, load_data, train_steps
 from minilife.common import (MetricsLogger, chapter_dir, cli_field, config_from_args, pick_device, plot_lines,
                              seed_everything, write_json_atomic)
 from minilife.model.transformer import GPT, ModelConfig
@@ -68,6 +68,12 @@ class PrecisionConfig:
     scaler_growth_interval: int = cli_field(10, "good steps before the dynamic scaler doubles S")
     lr: float = cli_field(2e-3, "AdamW learning rate")
 
+    def __post_init__(self):
+        check_flags(self, at_least=dict(batch_size=1, context_length=1, warm_steps=0, train_steps=1,
+                                        scaler_growth_interval=1), above=dict(lr=0), presets=("preset",))
+        if not self.shrink_exponents:
+            raise ValueError("--shrink-exponents needs at least one value")
+
 
 def format_table() -> list[dict]:
     """One row per format: bits, exponent/mantissa split, max, smallest normal/subnormal, eps."""
@@ -87,8 +93,8 @@ def format_table() -> list[dict]:
 
 
 def autocast_grads(model: GPT, batch, dtype: torch.dtype, loss_mult: float) -> list[torch.Tensor]:
-    """fp32 copies of the parameter gradients of (mean loss * loss_mult), forward/backward under
-    autocast to ``dtype`` (no autocast for float32)."""
+    """fp32 copies of the parameter gradients (each shaped like its parameter) of (mean loss * loss_mult)
+    on ``batch`` (inputs, targets (B, T)), forward/backward under autocast to ``dtype`` (none for float32)."""
     device = batch.inputs.device
     model.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -100,8 +106,8 @@ def autocast_grads(model: GPT, batch, dtype: torch.dtype, loss_mult: float) -> l
 
 
 def flush_stats(reference: list[torch.Tensor], got: list[torch.Tensor]) -> dict:
-    """Fraction of reference-non-zero entries that are zero in ``got``, fraction non-finite, and the
-    relative L2 error over finite entries."""
+    """Over pairs of same-shaped tensors: the fraction of reference-non-zero entries that are zero in
+    ``got``, the fraction of non-finite entries, and the relative L2 error over the finite entries."""
     nonzero = sum(int((r != 0).sum()) for r in reference)
     flushed = sum(int(((r != 0) & (g == 0)).sum()) for r, g in zip(reference, got))
     total = sum(r.numel() for r in reference)
@@ -225,7 +231,7 @@ def _fmt_row(r: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     cfg: PrecisionConfig = config_from_args(PrecisionConfig, argv, prog=f"python -m minilife.chapters.{CHAPTER}")
     preset = cfg.preset or ("micro" if cfg.smoke else "tiny")
-    t = cfg.context_length or (32 if cfg.smoke else 64)
+    t = cfg.context_length if cfg.context_length is not None else (32 if cfg.smoke else 64)
     warm = cfg.warm_steps if cfg.warm_steps is not None else (3 if cfg.smoke else 30)
     n_train = cfg.train_steps if cfg.train_steps is not None else (6 if cfg.smoke else 40)
     out = chapter_dir(CHAPTER, cfg.smoke, cfg.out)

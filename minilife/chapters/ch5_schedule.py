@@ -17,6 +17,9 @@ What it implements
   the whole budget so the curve after the stopping point is visible; the step where patience ran
   out, the best step, and what the remaining steps would have cost are reported.
 
+Follows: Goyal et al. 2017 (linear warmup), Loshchilov & Hutter 2017 (SGDR's cosine decay, without
+restarts), torch's ReduceLROnPlateau policy, Prechelt 1998 ("Early Stopping -- But When?") for patience.
+
 What it leaves out: warmup-stable-decay, cyclic/restart schedules, LR range tests, schedule-free
 optimizers.
 """
@@ -29,7 +32,7 @@ from typing import Callable, Optional
 
 import torch
 
-from minilife.chapters.loop import BatchSource, evaluate, load_data, optimizer_step
+from minilife.chapters.loop import BatchSource, check_flags, evaluate, load_data, optimizer_step
 from minilife.checkpoint import NonFiniteLossError
 from minilife.common import (MetricsLogger, chapter_dir, cli_field, config_from_args, pick_device, plot_lines,
                              seed_everything, write_json_atomic)
@@ -63,6 +66,15 @@ class ScheduleConfig:
     overfit_tokens: int = cli_field(3000, "early stopping: train on only the first N training tokens")
     overfit_lr: float = cli_field(3e-3, "early stopping: peak LR (warmup + cosine)")
     stop_patience: int = cli_field(3, "early stopping patience (evaluations)")
+
+    def __post_init__(self):
+        check_flags(self, at_least=dict(batch_size=1, context_length=1, steps=1, warmup_steps=0, grad_clip=0,
+                                        plateau_patience=0, plateau_threshold=0, eval_every=1, eval_batches=1,
+                                        overfit_tokens=1, stop_patience=1),
+                    above=dict(high_lr=0, plateau_lr=0, overfit_lr=0), presets=("preset",))
+        steps = self.steps if self.steps is not None else (8 if self.smoke else 200)
+        if self.warmup_steps is not None and self.warmup_steps > steps:
+            raise ValueError(f"--warmup-steps {self.warmup_steps} must be <= --steps {steps}")
 
 
 def run(model: GPT, source: BatchSource, steps: int, lr_at: Callable[[int], float], *, grad_clip: float,
@@ -111,10 +123,10 @@ def spike(losses: list[float]) -> float:
 def main(argv: list[str] | None = None) -> dict:
     cfg: ScheduleConfig = config_from_args(ScheduleConfig, argv, prog=f"python -m minilife.chapters.{CHAPTER}")
     preset = cfg.preset or ("micro" if cfg.smoke else "tiny")
-    t = cfg.context_length or (32 if cfg.smoke else 64)
-    steps = cfg.steps or (8 if cfg.smoke else 200)
+    t = cfg.context_length if cfg.context_length is not None else (32 if cfg.smoke else 64)
+    steps = cfg.steps if cfg.steps is not None else (8 if cfg.smoke else 200)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, steps // 5)
-    eval_every = cfg.eval_every or (2 if cfg.smoke else 10)
+    eval_every = cfg.eval_every if cfg.eval_every is not None else (2 if cfg.smoke else 10)
     out = chapter_dir(CHAPTER, cfg.smoke, cfg.out)
     device = pick_device(cfg.device)
     data_dir, tokenizer, train_tokens, val_tokens = load_data(cfg.smoke, cfg.data_dir)

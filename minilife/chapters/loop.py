@@ -16,9 +16,14 @@ comparisons) without copying code:
 - ``evaluate``: token-weighted mean loss on fixed batches; ``unigram_entropy``: the loss of the best
   model that ignores context, H(p) = -sum_v p_v ln p_v over the training tokens' frequencies.
 - ``sample_text``: a seeded sample continuation of a prompt.
+- ``check_flags``: the chapters' shared flag validation (a ValueError naming ``--the-flag``, which
+  ``config_from_args`` turns into a usage error).
 
 What it leaves out: data loading in background workers (the token arrays are memory-mapped and a
 batch is a few slices), distributed samplers.
+
+Follows: the mean-loss identity sum_i S_i / N = (sum_i S_i) / N for accumulation; the optimizer
+(AdamW, Loshchilov & Hutter 2019) and the clipping (Pascanu et al. 2013) come from ``minilife.optim``.
 """
 from __future__ import annotations
 
@@ -35,11 +40,34 @@ from minilife.data.bpe import Tokenizer
 from minilife.data.pack import get_batch, load_tokens, read_meta
 from minilife.model import objectives
 from minilife.model.objectives import ObjectiveBatch
-from minilife.model.transformer import GPT
+from minilife.model.transformer import GPT, PRESETS
 from minilife.optim.clip import clip_grad_norm
 
 IGNORE_INDEX = -100
 OBJECTIVES = ("causal", "prefix", "mlm")
+
+
+# --------------------------------------------------------------------------------------------
+# flags
+
+
+def check_flags(cfg, *, at_least: dict[str, float] | None = None, above: dict[str, float] | None = None,
+                presets: tuple[str, ...] = ()) -> None:
+    """Raise ``ValueError("--flag-name must be ...")`` for the first config field below its bound
+    (``at_least``: >=, ``above``: >; NaN fails both) or naming an unknown ModelConfig preset.
+    Fields left at None (a default filled in later) pass."""
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    for bounds, op, ok in ((at_least or {}, ">=", lambda v, lo: v >= lo), (above or {}, ">", lambda v, lo: v > lo)):
+        for name, low in bounds.items():
+            v = getattr(cfg, name)
+            if v is not None and not ok(v, low):
+                raise ValueError(f"{flag(name)} must be {op} {low:g}, got {v}")
+    for name in presets:
+        v = getattr(cfg, name)
+        if v is not None and v not in PRESETS:
+            raise ValueError(f"{flag(name)} {v!r}: choose one of {sorted(PRESETS)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,7 +135,8 @@ def autocast_context(device: torch.device, precision: str):
 
 
 def batch_loss_sum(model: GPT, batch: ObjectiveBatch, precision: str = "fp32") -> torch.Tensor:
-    """Summed (not averaged) cross-entropy over the scored tokens of one micro-batch, a 0-d tensor."""
+    """Summed (not averaged) cross-entropy over the scored tokens of one micro-batch (inputs, targets
+    (B, T)), a 0-d tensor."""
     with autocast_context(batch.inputs.device, precision):
         _, loss_sum = model(batch.inputs, batch.targets, ignore_index=IGNORE_INDEX, reduction="sum",
                             **batch.attention)
@@ -115,7 +144,8 @@ def batch_loss_sum(model: GPT, batch: ObjectiveBatch, precision: str = "fp32") -
 
 
 def accumulate_gradients(model: GPT, micro_batches: list[ObjectiveBatch], precision: str = "fp32") -> tuple[float, int]:
-    """Backward through k micro-batches so that the summed .grad equals that of one big batch.
+    """Backward through k micro-batches (inputs, targets (B, T) each) so that the summed .grad equals
+    that of one big batch (k*B, T).
 
     Each micro-batch contributes sum_tokens(loss) / N, N = scored tokens in *all* k micro-batches:
     sum_i (S_i / N) = (sum_i S_i) / N, the big batch's mean. Returns (mean loss, N).
@@ -151,7 +181,9 @@ def optimizer_step(model: GPT, optimizer: torch.optim.Optimizer, micro_batches: 
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss, n_tokens = accumulate_gradients(model, micro_batches, precision)
-    check_finite(loss, step, last_good)
+    if not math.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)  # drop the poisoned gradients with the step
+        check_finite(loss, step, last_good)  # raises, naming the step and the last good checkpoint
     grad_norm = clip_grad_norm(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     if not math.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
@@ -172,7 +204,8 @@ def train_steps(model: GPT, optimizer: torch.optim.Optimizer, source: BatchSourc
 
 @torch.no_grad()
 def evaluate(model: GPT, source: BatchSource, n_batches: int, precision: str = "fp32") -> float:
-    """Token-weighted mean loss over micro-batches 0..n_batches-1 of ``source`` (the same every call)."""
+    """Token-weighted mean loss over micro-batches 0..n_batches-1 of ``source`` (the same every call):
+    sum of token losses / number of scored tokens, over all (B, T) batches together."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0

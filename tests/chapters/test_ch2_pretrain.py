@@ -3,6 +3,7 @@
 Reference for "resume is exact": the uninterrupted run with the same flags. CPU float32 kernels are
 deterministic for a fixed thread count, so the comparison is bitwise (tolerance 0).
 """
+import dataclasses
 import hashlib
 import math
 
@@ -118,7 +119,51 @@ def test_other_objectives_train(smoke_data_dir, tmp_path, objective):
     assert (s["samples"] == []) == (objective == "mlm")
 
 
-def test_bf16_autocast_step_runs(smoke_data_dir, tmp_path):
+def test_bf16_autocast_step_runs(smoke_run, smoke_data_dir, tmp_path):
     s = P.main(FAST + ["--data-dir", smoke_data_dir, "--out", str(tmp_path), "--precision", "bf16",
                        "--max-steps", "3", "--eval-every", "3", "--ckpt-every", "3"])
     assert math.isfinite(s["val_loss"])
+    # step 0's loss is the same init on the same micro-batch 0 as the fp32 smoke run (the LR plays no part
+    # yet), so the two differ only by bf16 autocast: it must change the loss (the flag takes effect), by
+    # bf16 rounding alone -- relative 2^-9 on init logits of size ~0.1 is <= ~2e-4 nats per token, and the
+    # mean over 512 tokens shrinks it further (measured ~6e-6); 1e-3 bounds it with margin
+    fp32_first = smoke_run[1]["first_loss"]
+    assert s["first_loss"] != fp32_first
+    assert abs(s["first_loss"] - fp32_first) < 1e-3
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--max-steps", "-5"], "--max-steps"),
+    (["--grad-accum", "0"], "--grad-accum"),
+    (["--lr", "0"], "--lr"),
+    (["--lr", "-1e-3"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--max-steps", "10", "--warmup-steps", "20"], "--warmup-steps"),
+    (["--grad-clip", "-1"], "--grad-clip"),
+    (["--beta2", "1.0"], "--beta2"),
+    (["--stop-after", "0"], "--stop-after"),
+    (["--preset", "huge"], "--preset"),
+])
+def test_nonsense_flags_are_usage_errors_naming_the_flag(flags, named, usage_error):
+    assert named in usage_error(P.main, ["--smoke"] + flags)
+
+
+def test_resume_into_a_different_model_names_the_field(smoke_data_dir, tmp_path):
+    common = FAST + ["--data-dir", smoke_data_dir, "--out", str(tmp_path), "--max-steps", "4", "--eval-every", "2"]
+    P.main(common + ["--stop-after", "2", "--ckpt-every", "2"])
+    with pytest.raises(CheckpointError, match="n_embd"):  # the checkpoint is C=64 (smoke); this run asks for 32
+        P.main(common + ["--resume", "--n-embd", "32"])
+
+
+def test_load_pretrained_refuses_a_tokenizer_with_another_vocab(tmp_path):
+    from minilife.checkpoint import save_checkpoint
+    from minilife.data.bpe import train_bpe
+
+    model = GPT(ModelConfig.preset("micro", vocab_size=300, context_length=16))
+    (tmp_path / "data").mkdir()
+    tok = train_bpe(["a small text to learn a few merges from"] * 4, 260)
+    tok.save(tmp_path / "data" / "tokenizer.json")
+    path = save_checkpoint(tmp_path / "last.pt", model=model, step=1,
+                           config={"model": dataclasses.asdict(model.cfg)}, extra={"data_dir": str(tmp_path / "data")})
+    with pytest.raises(ValueError, match=f"vocab_size {tok.vocab_size}.*vocab_size 300"):
+        P.load_pretrained(path)

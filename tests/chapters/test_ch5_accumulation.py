@@ -73,3 +73,15 @@ def test_help(capsys):
     with pytest.raises(SystemExit) as e:
         A.main(["--help"])
     assert e.value.code == 0 and "--micro-batches" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--micro-batches", "1"], "--micro-batches"),
+    (["--micro-batch-size", "0"], "--micro-batch-size"),
+    (["--steps", "0"], "--steps"),
+    (["--lr", "-1"], "--lr"),
+    (["--shortest", "0"], "--shortest"),
+    (["--context-length", "2"], "--context-length"),
+])
+def test_nonsense_flags_are_usage_errors_naming_the_flag(flags, named, usage_error):
+    assert named in usage_error(A.main, ["--smoke"] + flags)

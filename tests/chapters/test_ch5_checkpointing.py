@@ -23,7 +23,7 @@ def tokens():
 def test_live_bytes_counts_allocations_and_frees():
     with C.LiveBytes() as meter:
         a = torch.empty(1000, dtype=torch.float32)
-        b = a.view(10, 100)  # a view: no new storage
+        b = a.view(10, 100)  # (10, 100): a view, no new storage
         c = torch.ones(250, dtype=torch.float64)
         assert meter.live == 1000 * 4 + 250 * 8
         del a, b
@@ -66,3 +66,17 @@ def test_help(capsys):
     with pytest.raises(SystemExit) as e:
         C.main(["--help"])
     assert e.value.code == 0 and "--kill-at" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--steps", "1"], "--steps"),
+    (["--steps", "6", "--kill-at", "6"], "--kill-at"),
+    (["--kill-at", "6"], "--kill-at"),  # smoke default steps is 6
+    (["--kill-at", "0"], "--kill-at"),
+    (["--lr", "0"], "--lr"),
+    (["--gc-repeats", "0"], "--gc-repeats"),
+    (["--dropout", "1.0"], "--dropout"),
+    (["--gc-preset", "huge"], "--gc-preset"),
+])
+def test_nonsense_flags_are_usage_errors_naming_the_flag(flags, named, usage_error):
+    assert named in usage_error(C.main, ["--smoke"] + flags)

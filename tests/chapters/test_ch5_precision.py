@@ -2,7 +2,8 @@
 
 References: the IEEE-754 binary16 / bfloat16 / binary32 definitions (max = (2 - 2^-m) * 2^emax,
 smallest normal 2^(1 - bias), smallest subnormal 2^(1 - bias - m), eps 2^-m), written here as
-numbers, and the fp32 gradient of the same batch.
+numbers; the fp32 gradient of the same batch; torch's own ``.half()`` cast and the round-to-nearest
+rule (|x| <= 2^-25 flushes) for the flushed-entry count; hand-worked flush statistics.
 """
 import numpy as np
 import pytest
@@ -46,7 +47,36 @@ def test_fp16_underflow_without_scaling_and_rescue_with_it(model_and_batch):
     assert row["fp16_static_scale"]["nonfinite_fraction"] == 0.0
     assert row["fp16_static_scale"]["rel_error"] < 0.02  # fp16 rounding (eps 1e-3) through a backward pass
     assert row["bf16"]["flushed_fraction"] < 1e-3  # bf16 keeps fp32's range
-    assert row["fp16_cast"]["flushed_fraction"] > 0.1  # the storage effect alone already loses most
+    assert row["fp16_cast"]["flushed_fraction"] > 0.1  # the storage effect alone already loses many
+
+
+def test_fp16_cast_flush_count_matches_ieee_rounding_and_torch_cast(model_and_batch):
+    """The cast column against two independent counts: torch's own ``.half()`` of the fp32 gradient,
+    and the float64 rule of round-to-nearest-even -- |x| <= 2^-25 (half the smallest subnormal 2^-24,
+    a tie rounding to the even 0) becomes 0 in fp16."""
+    model, batch = model_and_batch
+    model.zero_grad(set_to_none=True)
+    _, loss = model(batch.inputs, batch.targets, **batch.attention)  # mean loss, plain fp32
+    loss.backward()
+    ref = [p.grad.detach().clone() * 2.0 ** -16 for p in model.parameters()]  # x 2^-16 is exact
+    model.zero_grad(set_to_none=True)
+    nonzero = sum(int((r != 0).sum()) for r in ref)
+    by_torch = sum(int(((r != 0) & (r.half() == 0)).sum()) for r in ref)
+    by_rule = sum(int(((r != 0) & (r.double().abs() <= 2.0 ** -25)).sum()) for r in ref)
+    assert by_torch == by_rule > 0.1 * nonzero  # the IEEE rule is torch's cast, entry for entry
+    (row,), _ = P.underflow_table(model, batch, [16], 2.0 ** 16)
+    assert row["fp16_cast"]["flushed_fraction"] == by_torch / nonzero  # same integer counts: exact
+    assert row["fp16_cast"]["nonfinite_fraction"] == 0.0  # x 2^-16 cannot overflow
+
+
+def test_flush_stats_hand_worked():
+    ref = [torch.tensor([1.0, 0.0, 2.0]), torch.tensor([3.0])]
+    got = [torch.tensor([1.0, 0.0, 0.0]), torch.tensor([float("inf")])]
+    st = P.flush_stats(ref, got)
+    assert st["flushed_fraction"] == 1 / 3  # 2.0 -> 0 among the 3 non-zero reference entries
+    assert st["nonfinite_fraction"] == 1 / 4  # the inf, among all 4 entries
+    # over finite entries only: sqrt((2 - 0)^2 / (1 + 4 + 9)), computed in float64
+    assert st["rel_error"] == pytest.approx((4 / 14) ** 0.5, rel=1e-12)
 
 
 def test_static_scale_too_large_overflows(model_and_batch):
@@ -85,3 +115,16 @@ def test_help(capsys):
     with pytest.raises(SystemExit) as e:
         P.main(["--help"])
     assert e.value.code == 0 and "--static-scale-exponent" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--train-steps", "0"], "--train-steps"),
+    (["--warm-steps", "-1"], "--warm-steps"),
+    (["--lr", "0"], "--lr"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--scaler-growth-interval", "0"], "--scaler-growth-interval"),
+    (["--shrink-exponents"], "--shrink-exponents"),
+    (["--preset", "huge"], "--preset"),
+])
+def test_nonsense_flags_are_usage_errors_naming_the_flag(flags, named, usage_error):
+    assert named in usage_error(P.main, ["--smoke"] + flags)
