@@ -25,25 +25,13 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = Path(os.environ.get("MINILIFE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
-# ---------------------------------------------------------------- timing helpers (bench/encode.py uses them)
-def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Run each function once per round, rounds interleaved; return seconds per call per name."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
+# ---------------------------------------------------------------- table helpers (bench/encode.py uses them)
 def ratio_row(label: str, ours: list[float], ref: list[float], goal: str, met: bool) -> str:
     return (f"| {label} | {min(ours):.3f} | {statistics.median(ours):.3f} | {min(ref):.3f} | "
             f"{statistics.median(ref):.3f} | {min(ours) / min(ref):.3f} | "
@@ -126,6 +114,7 @@ def main() -> None:
 
     from minilife.data.bpe import read_text_file, train_bpe
     from minilife.data.bpe_train import GPT2_PATTERN, count_pretokens
+    from minilife.measure import interleaved_times
 
     rows = []
     small = read_text_file(corpus_en)

@@ -20,7 +20,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bpe import SHARED, TABLE_HEAD, interleaved_times, ratio_row  # bench/bpe.py  # noqa: E402
+from bpe import SHARED, TABLE_HEAD, ratio_row  # bench/bpe.py  # noqa: E402
+
+from minilife.measure import interleaved_times  # noqa: E402
 
 
 def bench_tokenizer(label: str, tok, text: str, repeats: int, readable_chars: int) -> list[str]:

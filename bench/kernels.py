@@ -17,7 +17,7 @@ GPU (when one is present; the device name is recorded):
 Method: both sides in one process on the same inputs; one warm-up call each, then ``--repeats``
 interleaved rounds (order alternating); min and median of the wall times (CUDA synchronised).
 Peak memory: CUDA allocator peak above the inputs; on CPU the live-tensor-bytes count of
-``peak_tensor_bytes`` (method: ``peak_memory_bytes`` in ``minilife/kernels/fused_linear_ce.py``). Prints a markdown
+``peak_tensor_bytes`` (method: ``peak_memory_bytes`` in ``minilife/measure.py``). Prints a markdown
 table; ``--json`` also writes the rows.
 """
 from __future__ import annotations

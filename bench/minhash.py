@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from minilife.data import lsh, minhash as mh  # noqa: E402
 from minilife.data.world import WorldConfig, make_wiki  # noqa: E402
+from minilife.measure import interleaved_times  # noqa: E402
 
 DEFAULT_FAMILY = inspect.signature(mh.signatures).parameters["family"].default
 SHARED = Path(os.environ.get("MINILIFE_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -66,13 +67,7 @@ def throughput(corpora, num_perm, repeats):
     rows = []
     for name, texts in corpora.items():
         n_shingles = sum(len(mh.shingles(t)) for t in texts)
-        times = {k: [] for k in sides}
-        for r in range(repeats):
-            order = list(sides)[r % len(sides):] + list(sides)[:r % len(sides)]  # rotate who goes first
-            for k in order:
-                t0 = time.perf_counter()
-                sides[k](texts)
-                times[k].append(time.perf_counter() - t0)
+        times = interleaved_times({k: (lambda f=f: f(texts)) for k, f in sides.items()}, repeats)
         for fam in mh.FAMILIES:
             speedup = [d / o for d, o in zip(times["datasketch"], times[fam])]
             rows.append((name, len(texts), n_shingles, fam, statistics.median(times["datasketch"]),

@@ -16,10 +16,10 @@ B. Gradient (activation) checkpointing (Chen et al. 2016, "Training Deep Nets wi
    and recomputes the block in backward. Measured on one training step: activation bytes held when
    the forward pass ends, peak bytes allocated during forward + backward, time ratio, and that the
    gradients are unchanged.
-   Memory is counted by ``LiveBytes``, a ``TorchDispatchMode`` that sees every tensor an op creates
-   (forward, backward and the recomputation) and a weakref finaliser on its storage that sees it
-   freed -- a CPU stand-in for ``torch.cuda.max_memory_allocated``. Tensors created before the mode
-   (weights) are not counted.
+   Memory is counted by ``minilife.measure.LiveTensorBytes``, a ``TorchDispatchMode`` that sees
+   every tensor an op creates (forward, backward and the recomputation) and a weakref finaliser on
+   its storage that sees it freed -- a CPU stand-in for the CUDA allocator's peak. Tensors created
+   before the mode (weights), and views or in-place updates of them, are not counted.
 
 What it leaves out: selective checkpointing (only attention, every other block), CPU offloading,
 sharded checkpoints.
@@ -29,19 +29,17 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map_only
 
 from minilife.chapters.loop import (BatchSource, batch_loss_sum, check_flags, load_data, n_targets, optimizer_step,
                                     train_steps)
 from minilife.checkpoint import load_checkpoint, save_checkpoint
 from minilife.common import (MetricsLogger, chapter_dir, cli_field, config_from_args, fmt_count, pick_device,
                              seed_everything, write_json_atomic)
+from minilife.measure import LiveTensorBytes
 from minilife.model.transformer import GPT, ModelConfig
 from minilife.optim.adamw import AdamW
 from minilife.optim.schedule import warmup_cosine_lr
@@ -153,42 +151,11 @@ def resume_experiment(cfg: CheckpointingConfig, source: BatchSource, model_cfg: 
 # B. gradient checkpointing
 
 
-class LiveBytes(TorchDispatchMode):
-    """Count bytes of tensor storages created while the mode is active, and the peak of that count.
-
-    Each new storage is counted once (views share their base's storage) and uncounted when a
-    weakref finaliser sees it freed.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.peak, self._seen = 0, 0, set()
-
-    def _track(self, t: torch.Tensor) -> None:
-        storage = t.untyped_storage()
-        key, nbytes = storage.data_ptr(), storage.nbytes()
-        if nbytes == 0 or key in self._seen:
-            return
-        self._seen.add(key)
-        self.live += nbytes
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(storage, self._release, key, nbytes)
-
-    def _release(self, key: int, nbytes: int) -> None:
-        self.live -= nbytes
-        self._seen.discard(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        tree_map_only(torch.Tensor, self._track, out)
-        return out
-
-
 def memory_of_step(model: GPT, batch) -> tuple[int, int, list[torch.Tensor]]:
     """(bytes held when forward ends, peak bytes during forward+backward, gradients shaped like their
     parameters) of one step on ``batch`` (inputs, targets (B, T))."""
     model.zero_grad(set_to_none=True)
-    with LiveBytes() as meter:
+    with LiveTensorBytes() as meter:
         loss = batch_loss_sum(model, batch) / n_targets(batch)
         held_after_forward = meter.live
         loss.backward()

@@ -15,7 +15,7 @@ What it does (read ``main`` top to bottom)
 
 How memory is measured. On CUDA: the allocator's peak (``max_memory_allocated``) minus what was
 allocated before. On CPU torch keeps no allocator statistics, so ``peak_tensor_bytes`` (in
-``minilife.kernels.flash_attention_torch``) counts it: a ``TorchDispatchMode`` sees every op the
+``minilife.measure``) counts it: a ``TorchDispatchMode`` sees every op the
 forward and backward run, adds the bytes of each new output storage, and a weakref finalizer
 subtracts them when the storage is freed; the peak of that running total is reported. It counts
 tensors only (no allocator slack, no scratch buffers *inside* one aten kernel), the same way for both
@@ -50,13 +50,12 @@ from minilife.kernels import interpreting, triton_available
 from minilife.kernels.cross_entropy import cross_entropy
 from minilife.kernels.flash_attention import bench_attention, flash_attention
 from minilife.kernels.flash_attention_torch import flash_attention_torch
-from minilife.kernels.fused_linear_ce import (bench_loss, fused_linear_cross_entropy, loss_sides,
-                                              peak_memory_bytes)
+from minilife.kernels.fused_linear_ce import bench_loss, fused_linear_cross_entropy, loss_sides
 from minilife.kernels.reference import attention_naive, cross_entropy_naive
+from minilife.measure import MiB, peak_memory_bytes
 
 CHAPTER = "ch5_kernels"
 NA = "n/a (no GPU; see tests under the interpreter)"
-MiB = 2.0**20
 
 
 @dataclass

@@ -163,19 +163,17 @@ def bench_attention(device: str = "auto", seq_len: Optional[int] = None, batch: 
     CUDA (default T=4096, bf16): Triton ``flash_attention`` vs SDPA and vs ``attention_naive``:
     wall time (synchronised) and peak ``torch.cuda.max_memory_allocated`` above the inputs.
     CPU (default T=1024, fp32): ``flash_attention_torch`` vs ``attention_naive``: wall time and peak
-    tensor bytes from ``peak_tensor_bytes`` (dispatch-mode count of live tensor storage).
-    One warm-up call each (compiles and autotunes), then ``repeats`` interleaved rounds. Row keys:
+    tensor bytes from ``minilife.measure.peak_tensor_bytes`` (dispatch-mode count of live storage).
+    ``minilife.measure.compare`` does the timing: one warm-up call each (compiles and autotunes),
+    then ``repeats`` interleaved rounds. Row keys:
     case, metric ("time_ms" | "peak_MiB"), ours, reference, ours_min, ours_median, ref_min,
     ref_median, ratio_min (= ours_min / ref_min), ratio_median (= ours_median / ref_median).
     """
-    import statistics
-    import time
-
     import torch.nn.functional as F
 
     from minilife.common import pick_device
-    from minilife.kernels.flash_attention_torch import peak_tensor_bytes
     from minilife.kernels.reference import attention_naive
+    from minilife.measure import compare
 
     dev = pick_device(device)
     cuda = dev.type == "cuda"
@@ -194,33 +192,8 @@ def bench_attention(device: str = "auto", seq_len: Optional[int] = None, batch: 
         attn["flash_attention_torch"] = lambda: flash_attention_torch(q, k, v, causal=True)
         pairs = [("flash_attention_torch", "attention_naive")]
     runs = {name: (lambda f=f: torch.autograd.grad(f(), (q, k, v), d_out)) for name, f in attn.items()}
-
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    peaks: dict[str, list[float]] = {name: [] for name in runs}
-    for run in runs.values():
-        run()  # warm-up
-    for _ in range(repeats):
-        for name, run in runs.items():
-            if cuda:
-                torch.cuda.synchronize(dev)
-                torch.cuda.reset_peak_memory_stats(dev)
-                base = torch.cuda.memory_allocated(dev)
-            t0 = time.perf_counter()
-            run()
-            if cuda:
-                torch.cuda.synchronize(dev)
-                peaks[name].append((torch.cuda.max_memory_allocated(dev) - base) / 2**20)
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    if not cuda:  # memory is deterministic on CPU: measure once
-        peaks = {name: [peak_tensor_bytes(run) / 2**20] for name, run in runs.items()}
-
-    rows = []
     case = f"causal attention fwd+bwd B={batch} H={heads} T={T} D={head_dim} {str(dtype)[6:]} {dev.type}"
+    rows = []
     for ours, ref in pairs:
-        for metric, values in (("time_ms", times), ("peak_MiB", peaks)):
-            o_min, o_med = min(values[ours]), statistics.median(values[ours])
-            r_min, r_med = min(values[ref]), statistics.median(values[ref])
-            rows.append(dict(case=case, metric=metric, ours=ours, reference=ref, ours_min=o_min,
-                             ours_median=o_med, ref_min=r_min, ref_median=r_med,
-                             ratio_min=o_min / r_min, ratio_median=o_med / r_med))
+        rows += compare(case, ours, ref, runs, dev, repeats)
     return rows

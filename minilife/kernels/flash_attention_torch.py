@@ -12,11 +12,8 @@ What it implements
     ``dV += P^T dO``, ``dP = dO V^T``, ``dS = P * (dP - D)``, ``dQ += dS K * scale``,
     ``dK += dS^T Q * scale``. No (T, T) matrix is ever stored.
 - ``check_qkv``: the input checks shared with the Triton version (shapes, dtypes, devices).
-- ``peak_tensor_bytes(fn)``: peak bytes of tensor storage alive while ``fn()`` runs, counted by a
-  ``TorchDispatchMode`` (each op's new output storages are added, a weakref finalizer subtracts them
-  when freed; outputs sharing an input's storage, i.e. views and in-place results, add nothing).
-  CPU has no allocator statistics like ``torch.cuda.max_memory_allocated``; this is the
-  tracemalloc-style stand-in the benchmark uses to show the O(T^2) -> O(T) saving.
+
+How much less memory it holds is measured with ``minilife.measure.peak_tensor_bytes``.
 
 Only (B, H, Bq, Bk) tiles are alive at a time, so peak memory grows like T * block instead of T^2 —
 the point of the algorithm; on a GPU the Triton kernels in ``flash_attention.py`` also get the
@@ -30,14 +27,11 @@ query/key lengths (T must equal S; use ``reference.attention_naive`` for those).
 from __future__ import annotations
 
 import math
-import weakref
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
-__all__ = ["flash_attention_torch", "check_qkv", "peak_tensor_bytes"]
+__all__ = ["flash_attention_torch", "check_qkv"]
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fn: str,
@@ -162,49 +156,3 @@ def flash_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cau
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     out, lse = _FlashAttentionTorch.apply(q, k, v, bool(causal), scale, int(block_q), int(block_k))
     return (out, lse) if return_lse else out
-
-
-class _LiveTensorBytes(TorchDispatchMode):
-    """Counts bytes of tensor storages created inside the mode and still alive; keeps the peak.
-
-    An output that shares a storage with one of the op's inputs (a view, an in-place or ``out=``
-    result) allocated nothing: it is skipped, also when that storage existed before counting began.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self._sizes: dict[int, int] = {}  # storage data_ptr -> nbytes, for storages we counted
-
-    def _freed(self, key: int) -> None:
-        self.live -= self._sizes.pop(key, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            key, size = storage.data_ptr(), storage.nbytes()
-            if size == 0 or key in self._sizes or key in inputs:  # reuses a counted or an input storage
-                continue
-            self._sizes[key] = size
-            self.live += size
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._freed, key)
-        return out
-
-
-def peak_tensor_bytes(fn: Callable[[], object]) -> int:
-    """Run ``fn()`` and return the peak number of bytes of tensors it allocated and held at once.
-
-    Counts storages created by torch ops inside ``fn`` (forward and backward), not those that
-    existed before nor views / in-place results of them; Python objects and allocator slack are not
-    included.
-    """
-    mode = _LiveTensorBytes()
-    with mode:
-        fn()
-    return mode.peak

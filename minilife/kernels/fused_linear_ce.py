@@ -33,8 +33,9 @@ but never less than 16M elements, because every chunk also reads and writes the 
 ``grad_weight`` accumulator: chunks of a few dozen rows make that traffic dominate (one measurement
 on CPU at N=4096, C=768, V=50257: 128-row chunks took ~1.6x the time of 512-row chunks).
 
-Also here: ``bench_loss`` / ``peak_memory_bytes``, the time and memory comparison against torch that
-``bench/kernels.py`` and chapter 5 both run (like ``bench_attention`` beside the attention kernels).
+Also here: ``bench_loss``, the time and memory comparison against torch that ``bench/kernels.py``
+and chapter 5 both run (like ``bench_attention`` beside the attention kernels; the measuring itself is
+``minilife.measure.compare``).
 
 Under ``torch.autocast`` both inputs are cast to the autocast dtype first, as ``F.linear`` would be.
 
@@ -44,8 +45,6 @@ shards. ``torch.nn.functional.linear_cross_entropy`` (torch >= 2.13, chunked whe
 """
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Callable, Optional, Union
 
 import torch
@@ -53,9 +52,9 @@ import torch.nn.functional as F
 
 from minilife.kernels.cross_entropy import (SUPPORTED_DTYPES, backward_rows, check_options, check_targets,
                                             cross_entropy, forward_rows, mean_denominator, use_triton)
-from minilife.kernels.flash_attention_torch import peak_tensor_bytes
+from minilife.measure import compare
 
-__all__ = ["fused_linear_cross_entropy", "default_chunk_size", "bench_loss", "peak_memory_bytes"]
+__all__ = ["fused_linear_cross_entropy", "default_chunk_size", "bench_loss"]
 
 
 def default_chunk_size(N: int, C: int, V: int) -> int:
@@ -204,27 +203,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
 
 
 # ------------------------------------------------------------------------------------------------
-# measuring: shared by minilife/chapters/ch5_kernels.py and bench/kernels.py
-
-MiB = 2.0**20
-
-
-def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
-    """Peak bytes allocated while ``fn()`` runs, above what existed before it.
-
-    CUDA: the caching allocator's peak. CPU (no allocator statistics in torch): ``peak_tensor_bytes``,
-    a dispatch-mode count of the tensor storages created and still alive (tensors only: no allocator
-    slack, no scratch buffers inside one aten kernel; exact and repeatable, unlike RSS).
-    """
-    if device.type != "cuda":
-        return peak_tensor_bytes(fn)
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - base
-
+# benchmark sides: shared by minilife/chapters/ch5_kernels.py and bench/kernels.py
 
 def loss_sides(N: int, V: int, C: int, dtype, device, chunk: Optional[int] = None,
                seed=0) -> dict[str, Callable[[], object]]:
@@ -247,35 +226,6 @@ def ce_sides(N: int, V: int, dtype, device, seed=0) -> dict[str, Callable[[], ob
     targets = torch.randint(0, V, (N,), generator=g).to(device)
     return {"triton": lambda: torch.autograd.grad(cross_entropy(logits, targets), (logits,)),
             "torch": lambda: torch.autograd.grad(F.cross_entropy(logits, targets), (logits,))}
-
-
-def compare(case: str, ours: str, ref: str, sides: dict, device, repeats: int) -> list[dict]:
-    """Time ``ours`` vs ``ref`` (one warm-up each, then ``repeats`` interleaved rounds, order alternating)
-    and measure their peak memory; rows as in ``bench_attention`` (ratio = ours / reference)."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    times: dict[str, list[float]] = {ours: [], ref: []}
-    peaks: dict[str, list[float]] = {ours: [], ref: []}
-    for name in (ours, ref):
-        sides[name]()  # warm-up: compiles kernels, touches the allocator
-    for r in range(repeats):
-        for name in ((ours, ref) if r % 2 == 0 else (ref, ours)):
-            sync()
-            t0 = time.perf_counter()
-            sides[name]()
-            sync()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    for name in (ours, ref):  # separately, so the CPU counter's bookkeeping never enters a timing
-        peaks[name].append(peak_memory_bytes(sides[name], device) / MiB)
-    rows = []
-    for metric, values in (("time_ms", times), ("peak_MiB", peaks)):
-        o_min, o_med = min(values[ours]), statistics.median(values[ours])
-        r_min, r_med = min(values[ref]), statistics.median(values[ref])
-        rows.append(dict(case=case, metric=metric, ours=ours, reference=ref, ours_min=o_min, ours_median=o_med,
-                         ref_min=r_min, ref_median=r_med, ratio_min=o_min / r_min, ratio_median=o_med / r_med))
-    return rows
 
 
 def bench_loss(device, *, tokens: int, vocab: int, hidden: int, dtype, repeats: int,

@@ -10,6 +10,7 @@ import torch
 
 from minilife.chapters import ch5_checkpointing as C
 from minilife.chapters.loop import BatchSource
+from minilife.measure import LiveTensorBytes
 from minilife.model.transformer import GPT, ModelConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -21,7 +22,7 @@ def tokens():
 
 
 def test_live_bytes_counts_allocations_and_frees():
-    with C.LiveBytes() as meter:
+    with LiveTensorBytes() as meter:
         a = torch.empty(1000, dtype=torch.float32)
         b = a.view(10, 100)  # (10, 100): a view, no new storage
         c = torch.ones(250, dtype=torch.float64)

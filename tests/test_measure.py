@@ -1,11 +1,12 @@
-"""peak_tensor_bytes (the CPU memory meter in flash_attention_torch.py) against sizes worked by hand.
+"""minilife.measure: the CPU memory meter against sizes worked by hand, and the pair comparison.
 
 Expected figures are numel * bytes per element, computed here; counts are exact integers (tolerance 0).
 """
 import torch
 
-from minilife.kernels.flash_attention_torch import flash_attention_torch, peak_tensor_bytes
+from minilife.kernels.flash_attention_torch import flash_attention_torch
 from minilife.kernels.reference import attention_naive
+from minilife.measure import compare, peak_tensor_bytes
 
 
 def test_new_tensors_add_exactly_their_bytes():
@@ -50,3 +51,14 @@ def test_naive_attention_holds_the_scores_and_flash_does_not():
     assert peak_tensor_bytes(lambda: attention_naive(q, k, v)) >= scores
     # tiles of 16: (B, H, 16, 16) scores and (B, H, T, D) output/LSE; far below one T x T matrix
     assert peak_tensor_bytes(lambda: flash_attention_torch(q, k, v, block_q=16, block_k=16)) < scores / 2
+
+
+def test_compare_rows_are_ours_over_reference():
+    """A side that allocates 4x the bytes shows a memory ratio of exactly 1/4; ratios are ours / ref."""
+    sides = {"small": lambda: torch.zeros(1000), "big": lambda: torch.zeros(4000)}
+    rows = {r["metric"]: r for r in compare("demo", "small", "big", sides, torch.device("cpu"), repeats=3)}
+    mem = rows["peak_MiB"]
+    assert (mem["ours_min"], mem["ref_min"]) == (1000 * 4 / 2**20, 4000 * 4 / 2**20)
+    assert mem["ratio_min"] == mem["ratio_median"] == 0.25
+    t = rows["time_ms"]
+    assert t["ratio_min"] == t["ours_min"] / t["ref_min"] and t["ours_min"] <= t["ours_median"]
