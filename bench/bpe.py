@@ -3,8 +3,8 @@
 1. corpus.en (133 KB) to vocab 500: our time (goal: well under 1 s).
 2. tinyshakespeare (1.1 MB) to vocab 4096: ours vs HuggingFace ``tokenizers`` BpeTrainer (Rust;
    byte-level pre-tokeniser with GPT-2's regex, the closest match to ours; goal ours <= 5x theirs),
-   and vs a naive trainer that recounts every pair after every merge (written below; goal ours
-   >= 20x faster). The naive trainer is run for ``--naive-merges`` merges (and checked to learn the
+   and vs the naive trainer that recounts every pair after every merge (the library's
+   ``learn_merges_naive``; goal ours >= 20x faster). The naive trainer is run for ``--naive-merges`` merges (and checked to learn the
    same merges as ours), and its full time is bracketed honestly:
      upper estimate = (its measured time per merge) x (all merges); per-merge cost falls as words
                       shrink, so this overstates it;
@@ -42,33 +42,9 @@ TABLE_HEAD = ("| benchmark | ours min (s) | ours median (s) | ref min (s) | ref 
               "ratio min | ratio median | goal | met |\n|---|---|---|---|---|---|---|---|---|")
 
 
-# ---------------------------------------------------------------- the naive reference trainer
-def naive_train(pretoken_counts: dict[bytes, int], n_merges: int) -> list[bytes]:
-    """Recount every pair over every distinct word after every merge (same tie rule as ours)."""
-    words = {tuple(bytes([b]) for b in piece): n for piece, n in pretoken_counts.items()}
-    learned = []
-    for _ in range(n_merges):
-        counts = recount(words)
-        if not counts:
-            break
-        (a, b), _ = max(counts.items(), key=lambda kv: (kv[1], kv[0]))
-        learned.append(a + b)
-        new_words = {}
-        for w, n in words.items():
-            out, i = [], 0
-            while i < len(w):
-                if i + 1 < len(w) and w[i] == a and w[i + 1] == b:
-                    out.append(a + b)
-                    i += 2
-                else:
-                    out.append(w[i])
-                    i += 1
-            new_words[tuple(out)] = n
-        words = new_words
-    return learned
-
-
+# ---------------------------------------------------------------- one naive step, for the lower bound
 def recount(words: dict[tuple[bytes, ...], int]) -> Counter:
+    """One pair count over every word: the step ``learn_merges_naive`` repeats after every merge."""
     counts: Counter = Counter()
     for w, n in words.items():
         for pair in zip(w, w[1:]):
@@ -112,25 +88,25 @@ def main() -> None:
         print(f"skipped: shared data not found at {SHARED}")
         return
 
-    from minilife.data.bpe import read_text_file, train_bpe
-    from minilife.data.bpe_train import GPT2_PATTERN, count_pretokens
+    from minilife.data.bpe import GPT2_PATTERN
+    from minilife.data.bpe_train import count_pretokens, learn_merges_naive, read_text_file, train_bpe
     from minilife.measure import interleaved_times
 
     rows = []
     small = read_text_file(corpus_en)
-    t = interleaved_times({"ours": lambda: train_bpe(small, 500),
+    t = interleaved_times({"ours": lambda: train_bpe(500, text=small),
                            "hf": lambda: hf_train(small, 500)}, max(args.repeats, 5))
     rows.append(ratio_row("corpus.en -> 500, ours vs HF tokenizers", t["ours"], t["hf"],
                           "ours < 1 s (abs.)", max(t["ours"]) < 1.0))
 
     text = read_text_file(shakespeare)
     vocab = 4096
-    t = interleaved_times({"ours": lambda: train_bpe(text, vocab),
+    t = interleaved_times({"ours": lambda: train_bpe(vocab, text=text),
                            "hf": lambda: hf_train(text, vocab)}, args.repeats)
     rows.append(ratio_row("tinyshakespeare -> 4096, ours vs HF tokenizers", t["ours"], t["hf"],
                           "ratio <= 5", statistics.median(t["ours"]) / statistics.median(t["hf"]) <= 5))
     ours_median = statistics.median(t["ours"])
-    ours_tok = train_bpe(text, vocab)
+    ours_tok = train_bpe(vocab, text=text)
     ours_vocab = set(ours_tok.mergeable_ranks)
     overlap = len(ours_vocab & hf_vocab_bytes(hf_train(text, vocab))) / len(ours_vocab)
 
@@ -139,7 +115,7 @@ def main() -> None:
     ours_order = [tok for tok, r in sorted(ours_tok.mergeable_ranks.items(), key=lambda kv: kv[1])][256:]
     k = n_merges if args.full_naive else args.naive_merges
     t0 = time.perf_counter()
-    naive_learned = naive_train(counts, k)
+    naive_learned = learn_merges_naive(counts, k)[256:]
     naive_time = time.perf_counter() - t0
     assert naive_learned == ours_order[:k], "naive and incremental trainers disagree"
     final_words = {tuple(ours_tok.token_bytes(i) for i in ours_tok.encode(piece.decode("utf-8", "replace")))

@@ -64,10 +64,11 @@ def main() -> None:
     if not shakespeare.is_file():
         print(f"skipped: shared data not found at {SHARED}")
         return
-    from minilife.data.bpe import Tokenizer, read_text_file, train_bpe
+    from minilife.data.bpe import Tokenizer
+    from minilife.data.bpe_train import read_text_file, train_bpe
 
     text = read_text_file(shakespeare)
-    rows = bench_tokenizer("ours-4096", train_bpe(text, 4096), text, args.repeats, args.readable_chars)
+    rows = bench_tokenizer("ours-4096", train_bpe(4096, text=text), text, args.repeats, args.readable_chars)
     try:
         import os
 

@@ -7,9 +7,10 @@ What it implements
   present, every CUDA device), the data position (``data_state``) and free-form ``extra``.
   The write is atomic: the bytes go to a temp file in the same directory, are flushed and fsync'ed,
   and only then ``os.replace`` puts them under the final name. A crash (or an exception) mid-save
-  leaves the previous file untouched. It also refuses to save non-finite weights, so a NaN'd run
+  leaves the previous file untouched (a binary file object is written as given). It also refuses to save non-finite weights, so a NaN'd run
   never overwrites its last good checkpoint.
-- ``load_checkpoint``: ``torch.load(..., weights_only=True)`` always (a checkpoint is data, never
+- ``load_checkpoint`` (a path or a binary file object): restores weights and optimizer, and the
+  RNGs only when asked (resuming); ``torch.load(..., weights_only=True)`` always (a checkpoint is data, never
   code: the unpickler only builds tensors and plain containers). Every RNG state is therefore stored
   as tensors / lists / tuples (numpy's state array as an int64 tensor). Clear ``CheckpointError``s
   name the file for: a missing file, a truncated or corrupt file, a file that is not a minilife
@@ -33,7 +34,7 @@ import random
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, BinaryIO, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -152,17 +153,22 @@ def _nonfinite_params(model: torch.nn.Module) -> list[str]:
 # save / load
 
 
-def save_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module, optimizer: Any = None, step: int,
+def _where(target: Any) -> Path | str:
+    """What error messages call a checkpoint: its path, or a binary file object's name."""
+    return Path(target) if isinstance(target, (str, os.PathLike)) else getattr(target, "name", "<file object>")
+
+
+def save_checkpoint(path: str | os.PathLike | BinaryIO, *, model: torch.nn.Module, optimizer: Any = None, step: int,
                     config: Mapping[str, Any], data_state: Mapping[str, Any] | None = None,
                     extra: Mapping[str, Any] | None = None, allow_nonfinite: bool = False) -> Path:
-    """Atomically write a checkpoint to ``path`` and return it.
+    """Write a checkpoint to ``path`` (atomically) or to a binary file object, and return ``path``.
 
     ``config`` is the run's config as a JSON-able dict (e.g. ``dataclasses.asdict(cfg)``); it is
     compared field by field on load. ``data_state`` / ``extra`` may hold ints, floats, strings,
     tensors and lists/tuples/dicts of them. Non-finite weights raise ``CheckpointError`` unless
     ``allow_nonfinite`` (the last good file is never replaced by NaN weights).
     """
-    path = Path(path)
+    target, path = path, _where(path)
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise CheckpointError(f"{path}: step must be a non-negative int, got {step!r}")
     if not allow_nonfinite:
@@ -185,8 +191,11 @@ def save_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module, optimize
     _check_loadable(payload["extra"], "extra", path)
     if payload["optimizer"] is not None:
         _check_loadable(payload["optimizer"], "optimizer.state_dict()", path)
-    _atomic_torch_save(payload, path)
-    return path
+    if isinstance(path, Path):
+        _atomic_torch_save(payload, path)
+        return path
+    torch.save(payload, target)  # a file object: the caller owns atomicity
+    return target
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -218,15 +227,19 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
-    """Load and validate the raw checkpoint dict (weights_only=True); restores nothing."""
-    path = Path(path)
-    if not path.is_file():
+def read_checkpoint(path: str | os.PathLike | BinaryIO, map_location: Any = "cpu") -> dict:
+    """Load and validate the raw checkpoint dict from a path or binary file object (weights_only=True);
+    restores nothing."""
+    source, path = path, _where(path)
+    if isinstance(path, Path) and not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip; a cut-off one loses its directory
+    start = None if isinstance(path, Path) else source.tell()
+    if not zipfile.is_zipfile(source):  # torch.save writes a zip; a cut-off one loses its directory
         raise CheckpointError(f"{path}: not a torch zip archive (truncated or corrupt?)")
+    if start is not None:
+        source.seek(start)  # is_zipfile read the file object
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as e:  # a damaged member, or a pickled object weights_only refuses
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights only load failed" in first_line.lower():
@@ -244,18 +257,18 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     return ckpt
 
 
-def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module | None = None, optimizer: Any = None,
-                    config: Mapping[str, Any] | None = None, restore_rng: bool = True,
+def load_checkpoint(path: str | os.PathLike | BinaryIO, *, model: torch.nn.Module | None = None,
+                    optimizer: Any = None, config: Mapping[str, Any] | None = None, restore_rng: bool = False,
                     map_location: Any = "cpu", ignore: Iterable[str] = ()) -> dict:
-    """Restore a checkpoint into ``model`` / ``optimizer`` (and the global RNGs) and return
-    ``{"step", "data_state", "extra", "config", "path"}``.
+    """Restore a checkpoint (a path or binary file object) into ``model`` / ``optimizer`` and return
+    ``{"step", "data_state", "extra", "config", "path"}``. The global RNGs are restored only with
+    ``restore_rng=True`` (resuming a run); plain loading leaves them alone.
 
     If ``config`` is given it must equal the saved one (dotted field names in ``ignore`` are not
     compared, e.g. ``("out", "smoke")``); otherwise ``CheckpointError`` lists every differing field
     with both values. Nothing is restored unless every check passes.
     """
-    path = Path(path)
-    ckpt = read_checkpoint(path, map_location)
+    ckpt, path = read_checkpoint(path, map_location), _where(path)
     if config is not None:
         diff = config_diff(ckpt["config"], _json_normalise(config, path), ignore)
         if diff:

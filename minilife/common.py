@@ -4,9 +4,11 @@ What it implements
 - ``pick_device``: one ``--device`` flag; ``auto`` tries cuda, then mps, then cpu. Nothing here
   touches CUDA at import time (the check happens only when a device is asked for).
 - ``seed_everything``: python, numpy and torch RNGs from one integer.
-- ``config_from_args``: a stage's config is a dataclass; this turns its fields into argparse flags
-  (help text from ``field(metadata={"help": ...})``, bools as ``--x/--no-x``, ``Literal`` as choices)
-  and builds the dataclass back from the parsed flags. ``cli_field`` is the short way to declare one.
+- Config: a stage's config is a dataclass extending ``RunConfig`` (--smoke, --out, --threads). ``cli_field(default, help, smoke=...)`` declares a field's default, help and smoke
+  value in one place; ``config_from_args`` turns the fields into argparse flags (bools as
+  ``--x/--no-x``, ``Literal`` as choices, help showing the real default and smoke value) and
+  ``make_config`` builds the dataclass (smoke values for every field not given). ``check_flags``
+  is the shared bound check; ``start_run`` sets threads, seeds, device and the output dir.
 - ``run_dir``: ``runs/<chapter>/`` (created), overridable with ``--out``/``MINILIFE_RUNS``.
 - ``MetricsLogger``: one JSON object per line, flushed as it goes, so a crash keeps what was logged.
 - ``write_json_atomic``: temp file + rename, so a summary is either the old one or the new one.
@@ -17,6 +19,7 @@ What it leaves out: experiment trackers (wandb etc.) and config files: flags and
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -25,7 +28,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -70,12 +73,37 @@ def seed_everything(seed: int) -> None:
 # --------------------------------------------------------------------------------------------
 # dataclass config <-> argparse
 
+_NO_SMOKE = object()
 
-def cli_field(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field carrying its command-line help text: ``lr: float = cli_field(3e-4, "peak LR")``."""
+
+def cli_field(default: Any, help: str, *, smoke: Any = _NO_SMOKE, **kwargs: Any) -> Any:
+    """A config field with its default, its help text and (optionally) its ``--smoke`` value in one place:
+    ``max_steps: int = cli_field(500, "optimizer steps", smoke=30)``."""
+    meta = {"help": help, "smoke": smoke, **kwargs}
     if isinstance(default, (list, dict, set)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
-    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """The flags every chapter shares; a chapter's config dataclass extends it (and adds ``device``
+    when it runs a model)."""
+    smoke: bool = cli_field(False, "CI-sized run (seconds): every field takes its smoke value unless given")
+    out: Optional[str] = cli_field(None, "output dir (default runs/<chapter>/, or runs/<chapter>-smoke/ with --smoke)")
+    threads: int = cli_field(0, "torch intra-op threads; 0 keeps torch's default (tiny models often run "
+                                "faster on 1 thread on a shared machine)")
+
+    def __post_init__(self):
+        if not self.threads >= 0:
+            raise ValueError(f"--threads must be >= 0, got {self.threads}")
+
+
+def make_config(cls: type, **given: Any) -> Any:
+    """``cls(**given)`` with every field not in ``given`` at its smoke value when ``given["smoke"]``."""
+    smoke_fill = {f.name: copy.copy(f.metadata["smoke"]) for f in dataclasses.fields(cls)
+                  if given.get("smoke") and f.name not in given and f.metadata.get("smoke", _NO_SMOKE) is not _NO_SMOKE}
+    return cls(**smoke_fill, **given)
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -88,51 +116,75 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one ``--flag`` per field of dataclass ``cls`` to ``parser`` (underscores become dashes)."""
+    """One ``--flag`` per field of dataclass ``cls`` (underscores become dashes). Only flags the user
+    gives land in the parsed namespace; ``make_config`` fills the rest. The help text shows the real
+    default and the ``--smoke`` value."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
-        flag = "--" + f.name.replace("_", "-")
         tp, optional = _unwrap_optional(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
-        help_text = f.metadata.get("help", "")
-        help_text = f"{help_text} (default: {default!r})" if help_text else f"(default: {default!r})"
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        smoke = f.metadata.get("smoke", _NO_SMOKE)
+        shown = (f" (default: {default!r}" + (f"; --smoke: {smoke!r}" if smoke is not _NO_SMOKE else "") + ")"
+                 if default is not None else "")  # a None default is explained by the help text itself
+        kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=f.metadata.get("help", "") + shown)
         if tp is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=default, help=help_text)
+            kw.update(action=argparse.BooleanOptionalAction)
         elif typing.get_origin(tp) is typing.Literal:
             choices = list(typing.get_args(tp))
-            parser.add_argument(flag, dest=f.name, type=type(choices[0]), choices=choices,
-                                default=default, help=help_text)
+            kw.update(type=type(choices[0]), choices=choices)
         elif typing.get_origin(tp) in (list, tuple):
-            (inner, *_) = typing.get_args(tp) or (str,)
-            parser.add_argument(flag, dest=f.name, type=inner, nargs="*", default=default, help=help_text)
-        elif tp in (int, float, str):
-            conv = tp
-            if optional:
-                conv = (lambda s, _t=tp: None if s.lower() == "none" else _t(s))
-            parser.add_argument(flag, dest=f.name, type=conv, default=default, help=help_text,
-                                metavar=tp.__name__.upper())
+            kw.update(type=(typing.get_args(tp) or (str,))[0], nargs="*")
+        elif tp in (int, float):
+            kw.update(type=(lambda s, _t=tp: None if s.lower() == "none" else _t(s)) if optional else tp,
+                      metavar=tp.__name__.upper())
         else:
-            parser.add_argument(flag, dest=f.name, type=str, default=default, help=help_text)
+            kw.update(type=str)
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
 def config_from_args(cls: type, argv: Sequence[str] | None = None, description: str | None = None,
                      prog: str | None = None) -> Any:
-    """Parse ``argv`` (default: sys.argv[1:]) into an instance of dataclass ``cls``.
+    """Parse ``argv`` (default: sys.argv[1:]) into dataclass ``cls`` via ``make_config``.
 
-    ``--help`` prints every field with its help text and default. If the dataclass defines
-    ``__post_init__`` that validates fields, its ValueError is reported as a usage error naming the flag.
+    ``--help`` prints every field with its help text, default and smoke value. A ValueError/TypeError
+    from the dataclass's ``__post_init__`` is reported as a usage error (exit status 2) naming the flag.
     """
     parser = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip())
     add_dataclass_args(parser, cls)
     ns = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        return cls(**vars(ns))
+        return make_config(cls, **vars(ns))
     except (ValueError, TypeError) as e:
         parser.error(str(e))
+
+
+def check_flags(cfg: Any, *, at_least: Mapping[str, float] | None = None, above: Mapping[str, float] | None = None,
+                choices: Mapping[str, Iterable[str]] | None = None) -> None:
+    """Raise ``ValueError("--flag-name must be ...")`` for the first field of ``cfg`` below its bound
+    (``at_least``: >=, ``above``: >; NaN fails both) or outside its ``choices``. None passes (a
+    value derived later)."""
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    for bounds, op, ok in ((at_least or {}, ">=", lambda v, lo: v >= lo), (above or {}, ">", lambda v, lo: v > lo)):
+        for name, low in bounds.items():
+            v = getattr(cfg, name)
+            if v is not None and not ok(v, low):
+                raise ValueError(f"{flag(name)} must be {op} {low:g}, got {v}")
+    for name, allowed in (choices or {}).items():
+        v = getattr(cfg, name)
+        if v is not None and v not in allowed:
+            raise ValueError(f"{flag(name)} {v!r}: choose one of {sorted(allowed)}")
+
+
+def start_run(chapter: str, cfg: Any) -> tuple[Path, torch.device]:
+    """What every chapter does first: set ``--threads``, seed every RNG from ``cfg.seed``, pick the
+    device and create the output dir. Returns (output dir, device)."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(getattr(cfg, "device", "cpu"))
+    seed_everything(cfg.seed)
+    return chapter_dir(chapter, cfg.smoke, cfg.out), device
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MINILIFE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data when present; tests that need it skip cleanly otherwise."""
     if not SHARED_DATA.is_dir():
@@ -37,3 +37,21 @@ def shared_data() -> Path:
 def _runs_in_tmp(tmp_path, monkeypatch):
     """Chapters write under $MINILIFE_RUNS: point it at tmp_path so tests never touch the work tree."""
     monkeypatch.setenv("MINILIFE_RUNS", str(tmp_path / "runs"))
+
+
+@pytest.fixture(scope="session")
+def smoke_data_dir(tmp_path_factory) -> str:
+    """The smoke world's ``tokenizer.json`` + ``shards/`` (ch2_data --smoke), built once per session."""
+    from minilife.artifacts import ensure_data
+
+    return str(ensure_data(smoke=True, data_dir=tmp_path_factory.getbasetemp() / "ch2_data_smoke_shared"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one intra-op thread: CI-sized models are too small to gain from a
+    second one, and on a shared machine the hand-offs between threads cost more than the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

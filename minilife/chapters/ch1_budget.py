@@ -34,9 +34,9 @@ from tqdm import tqdm
 
 from minilife import budget
 from minilife.budget import GB, MemoryOptions, memory_bill
-from minilife.common import (MetricsLogger, chapter_dir, cli_field, config_from_args, fmt_count,
-                             markdown_table, pick_device, seed_everything, write_json_atomic)
-from minilife.model.transformer import GPT, ModelConfig
+from minilife.common import (MetricsLogger, RunConfig, check_flags, cli_field, config_from_args, fmt_count,
+                             markdown_table, start_run, write_json_atomic)
+from minilife.model.transformer import GPT, PRESETS, ModelConfig
 from minilife.optim.adamw import AdamW
 
 CHAPTER = "ch1_budget"
@@ -49,14 +49,12 @@ LLAMA2_7B = ModelConfig(vocab_size=32000, context_length=4096, n_layer=32, n_hea
 
 
 @dataclass
-class BudgetConfig:
+class BudgetConfig(RunConfig):
     """The bill of training: memory, FLOPs, time, cost and Chinchilla tokens, predicted and measured."""
-    smoke: bool = cli_field(False, "CI-sized run, seconds")
-    out: Optional[str] = cli_field(None, "output dir (default runs/ch1_budget/, or runs/ch1_budget-smoke/)")
     seed: int = cli_field(0, "seed for the measured model and batch")
     device: str = cli_field("auto", "auto | cpu | cuda | mps (for the measured tiny-model step)")
-    preset: Optional[str] = cli_field(None, "ModelConfig preset measured (default tiny; smoke micro)")
-    batch: int = cli_field(8, "batch size of the measured step")
+    preset: str = cli_field("tiny", "ModelConfig preset measured", smoke="micro")
+    batch: int = cli_field(8, "batch size of the measured step", smoke=2)
     seq: Optional[int] = cli_field(None, "sequence length of the measured step (default: the preset's context)")
     precision: Literal["fp32", "mixed", "bf16"] = cli_field(
         "mixed", "bills for the large models: fp32 | mixed (bf16 + fp32 master + fp32 Adam) | bf16 (all 16-bit)")
@@ -68,14 +66,12 @@ class BudgetConfig:
     usd_per_gpu_hour: float = cli_field(2.5, "price of one GPU-hour (the notes use $2.50 for an A100)")
     n_gpus: int = cli_field(64, "GPUs working in parallel (sets wall-clock days, not cost)")
     tokens_per_param: float = cli_field(20.0, "Chinchilla ratio D/N")
-    timing_steps: Optional[int] = cli_field(None, "training steps timed for throughput (default 5; smoke 2)")
+    timing_steps: int = cli_field(5, "training steps timed for throughput", smoke=2)
 
     def __post_init__(self):
-        for name in ("batch", "bill_batch", "bill_seq", "n_gpus"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.seq is not None and self.seq < 1:
-            raise ValueError(f"--seq must be >= 1, got {self.seq}")
+        super().__post_init__()
+        check_flags(self, at_least=dict(batch=1, bill_batch=1, bill_seq=1, n_gpus=1, seq=1, timing_steps=1),
+                    choices={"preset": PRESETS})
         if not 0 < self.mfu <= 1:
             raise ValueError(f"--mfu must be in (0, 1], got {self.mfu}")
 
@@ -124,14 +120,10 @@ def measure_tiny(cfg: ModelConfig, batch: int, seq: int, device: torch.device, s
 
 def main(argv: list[str] | None = None) -> dict:
     cfg: BudgetConfig = config_from_args(BudgetConfig, argv, prog=f"python -m minilife.chapters.{CHAPTER}")
-    out_dir = chapter_dir(CHAPTER, cfg.smoke, cfg.out)
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
-    preset = cfg.preset or ("micro" if cfg.smoke else "tiny")
+    out_dir, device = start_run(CHAPTER, cfg)
+    preset, batch, steps = cfg.preset, cfg.batch, cfg.timing_steps
     tiny = ModelConfig.preset(preset)
     seq = min(cfg.seq or tiny.context_length, tiny.context_length)
-    batch = 2 if cfg.smoke and cfg.batch == 8 else cfg.batch
-    steps = cfg.timing_steps or (2 if cfg.smoke else 5)
     peak = GPU_PEAK_TFLOPS[cfg.gpu] * 1e12
     log = MetricsLogger(out_dir / "metrics.jsonl")
     print(f"[{CHAPTER}] writing to {out_dir}")

@@ -24,7 +24,7 @@ prediction and recall of an empty truth are reported as 1.0). Writes ``summary.j
 ``metrics.jsonl``, ``lsh_s_curve.png``, ``compression.png``, ``removed.jsonl`` (what each step dropped and
 why), ``corpus.jsonl`` (the cleaned documents), ``tokenizer.json`` and ``shards/``. The last two
 are built in a staging folder and moved into place at the end, so a crash never leaves a tokenizer
-that does not match its shards. ``ensure_data`` is how later chapters get them.
+that does not match its shards. ``minilife.artifacts.ensure_data`` is how later chapters get them.
 """
 from __future__ import annotations
 
@@ -34,29 +34,25 @@ import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 
-from minilife.common import (MetricsLogger, chapter_dir, cli_field, config_from_args, fmt_count, plot_lines,
+from minilife.common import (MetricsLogger, RunConfig, cli_field, config_from_args, fmt_count, plot_lines, start_run,
                              write_json_atomic)
 from minilife.data import clean, lsh, minhash
 from minilife.data.world import SOURCES, WorldConfig, make_wiki, world_stats
 
 CHAPTER = "ch2_data"
 SPECIALS = ("<|endoftext|>", "<|mask|>")  # end of document; the masked-LM objective's [MASK]
-_DEFAULTS = {False: dict(world_kb=3000, vocab_size=2048), True: dict(world_kb=150, vocab_size=320)}
 
 
 @dataclass
-class DataConfig:
+class DataConfig(RunConfig):
     """Chapter 2 data: clean the company wiki (dedup, filters, PII), mix sources, train BPE, pack shards."""
-    smoke: bool = cli_field(False, "CI-sized run, seconds")
-    out: Optional[str] = cli_field(None, "output dir (default runs/ch2_data/ or runs/ch2_data-smoke/)")
     seed: int = cli_field(0, "world seed; also seeds MinHash, mixing and the train/val split")
-    world_kb: Optional[int] = cli_field(None, "raw wiki size in kB (default 3000; smoke 150)")
-    vocab_size: Optional[int] = cli_field(None, "BPE vocabulary incl. <|endoftext|> (default 2048; smoke 320)")
+    world_kb: int = cli_field(3000, "raw wiki size in kB", smoke=150)
+    vocab_size: int = cli_field(2048, "BPE vocabulary incl. the special tokens", smoke=320)
     normal_form: Literal["NFC", "NFKC"] = cli_field("NFC", "Unicode normal form of the cleaned text")
     line_min_frac: float = cli_field(0.005, "a 40+ char line is boilerplate if in this share of docs (and >= 4)")
     near_threshold: float = cli_field(0.7, "word-5-gram Jaccard at or above which two docs are near-duplicates")
@@ -69,9 +65,7 @@ class DataConfig:
     val_fraction: float = cli_field(0.05, "share of cleaned documents held out for validation")
 
     def __post_init__(self):
-        for k, v in _DEFAULTS[bool(self.smoke)].items():
-            if getattr(self, k) is None:
-                setattr(self, k, v)
+        super().__post_init__()
         if self.vocab_size < 256 + len(SPECIALS):
             raise ValueError(f"--vocab-size {self.vocab_size}: must be at least 256 byte tokens + "
                              f"{len(SPECIALS)} specials = {256 + len(SPECIALS)}")
@@ -118,16 +112,6 @@ def precision_recall(predicted: set, truth: set) -> dict:
 
 def _pr_str(pr: dict) -> str:
     return f"precision {pr['precision']:.3f}  recall {pr['recall']:.3f}  (tp {pr['tp']}, fp {pr['fp']}, fn {pr['fn']})"
-
-
-def ensure_data(smoke: bool = False, data_dir: str | None = None) -> Path:
-    """Directory holding ``tokenizer.json`` and ``shards/``; runs this chapter first if either is missing."""
-    path = Path(data_dir) if data_dir is not None else chapter_dir(CHAPTER, smoke)
-    if (path / "tokenizer.json").is_file() and (path / "shards" / "meta.json").is_file():
-        return path
-    print(f"building {path} with ch2_data{' --smoke' if smoke else ''} (tokenizer.json or shards/ missing)")
-    main((["--smoke"] if smoke else []) + ["--out", str(path)])
-    return path
 
 
 def s_curve_points(texts: list[str], pairs: list[tuple[int, int]], cfg: DataConfig, bands: int, rows: int,
@@ -198,7 +182,7 @@ def compression_table(tok, val_docs: list[tuple[str, str, str]], tokenizer_cls) 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = config_from_args(DataConfig, argv, prog="python -m minilife.chapters.ch2_data")
-    out = chapter_dir(CHAPTER, cfg.smoke, cfg.out)
+    out, _ = start_run(CHAPTER, cfg)
     t0 = time.time()
     log = MetricsLogger(out / "metrics.jsonl")
     summary: dict = {"config": {k: v for k, v in vars(cfg).items() if k != "weights"}, "steps": {}}
@@ -330,11 +314,12 @@ def main(argv: list[str] | None = None) -> dict:
     step("mix", len(mixed), 0, table=mix_table, val_docs=len(val_docs))
 
     # 8. BPE ------------------------------------------------------------------------------------
-    from minilife.data.bpe import Tokenizer, train_bpe
+    from minilife.data.bpe import Tokenizer
+    from minilife.data.bpe_train import train_bpe
     from minilife.data.pack import pack_corpus
 
     t_bpe = time.time()
-    tok = train_bpe([t for _, _, t in train_docs], cfg.vocab_size, special_tokens=SPECIALS, progress=not cfg.smoke)
+    tok = train_bpe(cfg.vocab_size, text=[t for _, _, t in train_docs], special_tokens=SPECIALS, progress=not cfg.smoke)
     print(f"[8] BPE: vocab {tok.vocab_size} trained in {time.time() - t_bpe:.1f}s on {len(train_docs)} documents")
     compression = compression_table(tok, val_docs, Tokenizer)
     sizes = compression["vocab_sizes"]

@@ -32,35 +32,35 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from minilife.chapters.loop import IGNORE_INDEX, BatchSource, accumulate_gradients, check_flags, load_data, n_targets
-from minilife.common import (MetricsLogger, chapter_dir, cli_field, config_from_args, pick_device, plot_lines,
-                             seed_everything, write_json_atomic)
+from minilife.artifacts import ensure_data, load_token_data
+from minilife.common import (MetricsLogger, RunConfig, check_flags, cli_field, config_from_args, plot_lines, start_run,
+                             write_json_atomic)
 from minilife.model.objectives import ObjectiveBatch
-from minilife.model.transformer import GPT, ModelConfig
+from minilife.model.transformer import GPT, PRESETS, ModelConfig
+from minilife.train import IGNORE_INDEX, BatchSource, batch_loss_sum, n_targets
 from minilife.optim.adamw import AdamW
 
 CHAPTER = "ch5_accumulation"
 
 
 @dataclass
-class AccumulationConfig:
+class AccumulationConfig(RunConfig):
     """k micro-batches equal one big batch (float64, exact); ragged micro-batches break the naive mean."""
-    smoke: bool = cli_field(False, "CI-sized run, seconds")
-    out: Optional[str] = cli_field(None, "output dir (default runs/ch5_accumulation[-smoke]/)")
     seed: int = cli_field(0, "seed for init, batches and ragged lengths")
     device: str = cli_field("auto", "auto | cpu | cuda (float64 is needed: mps falls back to cpu)")
-    data_dir: Optional[str] = cli_field(None, "ch2_data output dir; built if missing")
+    data_dir: Optional[str] = cli_field(None, "ch2_data output dir, built if missing (default runs/ch2_data[-smoke]/)")
     preset: str = cli_field("micro", "ModelConfig preset (vocab and context come from the data and flags)")
     micro_batches: int = cli_field(4, "k: micro-batches per optimizer step")
     micro_batch_size: int = cli_field(4, "b: sequences per micro-batch")
-    context_length: Optional[int] = cli_field(None, "tokens per sequence T (default 64; smoke 32)")
-    steps: Optional[int] = cli_field(None, "optimizer steps compared (default 10; smoke 3)")
+    context_length: int = cli_field(64, "tokens per sequence T", smoke=32)
+    steps: int = cli_field(10, "optimizer steps compared", smoke=3)
     lr: float = cli_field(1e-3, "AdamW learning rate (same on every side)")
     shortest: float = cli_field(0.1, "ragged case: the shortest micro-batch keeps this fraction of its tokens")
 
     def __post_init__(self):
+        super().__post_init__()
         check_flags(self, at_least=dict(micro_batches=2, micro_batch_size=1, context_length=4, steps=1),
-                    above=dict(lr=0), presets=("preset",))
+                    above=dict(lr=0), choices={"preset": PRESETS})
         if not 0.0 < self.shortest <= 1.0:
             raise ValueError(f"--shortest must be in (0, 1], got {self.shortest}")
 
@@ -98,9 +98,15 @@ def naive_mean_backward(model: GPT, micro: list[ObjectiveBatch]) -> float:
 
 
 def token_weighted_backward(model: GPT, micro: list[ObjectiveBatch]) -> float:
-    """ch2_pretrain's recipe (loop.accumulate_gradients): sum over tokens, divided by the step's total count."""
-    loss, _ = accumulate_gradients(model, micro)
-    return loss
+    """ch2_pretrain's recipe: each micro-batch's *summed* token loss divided by the scored tokens of
+    the whole step, N = sum_i N_i; then sum_i S_i / N = (sum_i S_i) / N, the big batch's mean."""
+    n_total = sum(n_targets(m) for m in micro)
+    total = 0.0
+    for m in micro:
+        loss_sum = batch_loss_sum(model, m)
+        (loss_sum / n_total).backward()
+        total += loss_sum.item()
+    return total / n_total
 
 
 METHODS = {"big batch": big_batch_backward, "token-weighted": token_weighted_backward,
@@ -173,15 +179,13 @@ def train_side_by_side(model: GPT, micro_steps: list[list[ObjectiveBatch]], lr: 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg: AccumulationConfig = config_from_args(AccumulationConfig, argv, prog=f"python -m minilife.chapters.{CHAPTER}")
-    steps = cfg.steps if cfg.steps is not None else (3 if cfg.smoke else 10)
-    t = cfg.context_length if cfg.context_length is not None else (32 if cfg.smoke else 64)
-    out = chapter_dir(CHAPTER, cfg.smoke, cfg.out)
-    device = pick_device(cfg.device)
+    steps, t = cfg.steps, cfg.context_length
+    out, device = start_run(CHAPTER, cfg)
     if device.type == "mps":
         print(f"[{CHAPTER}] MPS has no float64; running on cpu")
         device = torch.device("cpu")
-    seed_everything(cfg.seed)
-    data_dir, tokenizer, train_tokens, _ = load_data(cfg.smoke, cfg.data_dir)
+    data_dir = ensure_data(cfg.smoke, cfg.data_dir)
+    tokenizer, train_tokens, _ = load_token_data(data_dir)
     model = GPT(ModelConfig.preset(cfg.preset, vocab_size=tokenizer.vocab_size, context_length=t)).to(device).double()
     src = BatchSource(train_tokens, cfg.micro_batch_size, t, seed=cfg.seed, device=device)
     k = cfg.micro_batches

@@ -34,48 +34,49 @@ from typing import Optional
 
 import torch
 
-from minilife.chapters.loop import (BatchSource, batch_loss_sum, check_flags, load_data, n_targets, optimizer_step,
-                                    train_steps)
+from minilife.artifacts import ensure_data, load_token_data
 from minilife.checkpoint import load_checkpoint, save_checkpoint
-from minilife.common import (MetricsLogger, chapter_dir, cli_field, config_from_args, fmt_count, pick_device,
-                             seed_everything, write_json_atomic)
+from minilife.common import (MetricsLogger, RunConfig, check_flags, cli_field, config_from_args, fmt_count,
+                             seed_everything, start_run, write_json_atomic)
 from minilife.measure import LiveTensorBytes
-from minilife.model.transformer import GPT, ModelConfig
+from minilife.model.transformer import GPT, PRESETS, ModelConfig
 from minilife.optim.adamw import AdamW
+from minilife.optim.clip import clip_grad_norm
 from minilife.optim.schedule import warmup_cosine_lr
+from minilife.train import BatchSource, batch_loss_sum, n_targets
 
 CHAPTER = "ch5_checkpointing"
 
 
 @dataclass
-class CheckpointingConfig:
+class CheckpointingConfig(RunConfig):
     """Resume is bitwise exact only with weights+optimizer+RNG+data position; gradient checkpointing trades time for memory."""
-    smoke: bool = cli_field(False, "CI-sized run, seconds")
-    out: Optional[str] = cli_field(None, "output dir (default runs/ch5_checkpointing[-smoke]/)")
     seed: int = cli_field(0, "seed of the uninterrupted run")
     device: str = cli_field("auto", "auto | cpu | cuda | mps")
-    data_dir: Optional[str] = cli_field(None, "ch2_data output dir; built if missing")
+    data_dir: Optional[str] = cli_field(None, "ch2_data output dir, built if missing (default runs/ch2_data[-smoke]/)")
     preset: str = cli_field("micro", "ModelConfig preset of the resume experiment")
     batch_size: int = cli_field(8, "sequences per step")
     context_length: int = cli_field(64, "tokens per sequence")
     dropout: float = cli_field(0.1, "dropout (> 0 so the RNG state matters on resume)")
-    steps: Optional[int] = cli_field(None, "N: steps of the uninterrupted run (default 40; smoke 6)")
-    kill_at: Optional[int] = cli_field(None, "k: step after which the run is killed (default N/2)")
+    steps: int = cli_field(40, "N: steps of the uninterrupted run", smoke=6)
+    kill_at: Optional[int] = cli_field(None, "k: step after which the run is killed (None: N/2)")
     lr: float = cli_field(3e-3, "peak LR (warmup over N/4 steps, cosine to 0.1x)")
-    gc_preset: Optional[str] = cli_field(None, "preset of the gradient-checkpointing measurement (default tiny; smoke micro)")
+    gc_preset: str = cli_field("tiny", "preset of the gradient-checkpointing measurement", smoke="micro")
     gc_batch_size: int = cli_field(8, "sequences in the gradient-checkpointing step")
-    gc_context_length: Optional[int] = cli_field(None, "tokens per sequence there (default 128; smoke 64)")
-    gc_repeats: Optional[int] = cli_field(None, "timed repeats per side, interleaved (default 15; smoke 2)")
+    gc_context_length: int = cli_field(128, "tokens per sequence there", smoke=64)
+    gc_repeats: int = cli_field(15, "timed repeats per side, interleaved", smoke=2)
 
     def __post_init__(self):
+        super().__post_init__()
         check_flags(self, at_least=dict(batch_size=1, context_length=1, dropout=0, steps=2, kill_at=1,
                                         gc_batch_size=1, gc_context_length=1, gc_repeats=1),
-                    above=dict(lr=0), presets=("preset", "gc_preset"))
+                    above=dict(lr=0), choices={"preset": PRESETS, "gc_preset": PRESETS})
         if not self.dropout < 1:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
-        steps = self.steps if self.steps is not None else (6 if self.smoke else 40)
-        if self.kill_at is not None and self.kill_at >= steps:
-            raise ValueError(f"--kill-at {self.kill_at} must be smaller than --steps {steps}")
+        if self.kill_at is None:
+            self.kill_at = self.steps // 2
+        if self.kill_at >= self.steps:
+            raise ValueError(f"--kill-at {self.kill_at} must be smaller than --steps {self.steps}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,11 +122,23 @@ def resume_experiment(cfg: CheckpointingConfig, source: BatchSource, model_cfg: 
         model = GPT(model_cfg).to(device)
         return model, AdamW(model.param_groups(0.1), lr=cfg.lr, betas=(0.9, 0.95))
 
+    def train(model: GPT, opt: AdamW, data, steps: range, lr_at) -> None:
+        """The loop: schedule, forward, loss, backward, clip, AdamW step -- one micro-batch per step."""
+        for step in steps:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
+            b = data.micro_batch(step)
+            _, loss = model(b.inputs, b.targets, **b.attention)
+            loss.backward()
+            clip_grad_norm(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
     reference, ref_opt = fresh(cfg.seed)
-    train_steps(reference, ref_opt, source, range(steps), lr_at)
+    train(reference, ref_opt, source, range(steps), lr_at)
 
     model, opt = fresh(cfg.seed)
-    train_steps(model, opt, source, range(kill_at), lr_at)
+    train(model, opt, source, range(kill_at), lr_at)
     path = save_checkpoint(ckpt_dir / "killed.pt", model=model, optimizer=opt, step=kill_at,
                            config={"model": dataclasses.asdict(model_cfg)}, data_state={"micro_batches": kill_at})
     del model, opt  # the process "dies"
@@ -138,9 +151,8 @@ def resume_experiment(cfg: CheckpointingConfig, source: BatchSource, model_cfg: 
                                 map_location=device)
         k = state["step"]
         data = source if with_data else RestartedData(source, state["data_state"]["micro_batches"])
-        for step in range(k, steps):
-            lr = lr_at(step if with_step else step - k)  # a lost step counter restarts the schedule
-            optimizer_step(model, opt, [data.micro_batch(step)], lr=lr, step=step)
+        schedule = lr_at if with_step else (lambda step: lr_at(step - k))  # a lost step counter restarts it
+        train(model, opt, data, range(k, steps), schedule)
         diff, bitwise = weight_diff(model, reference)
         rows.append({"variant": name, "max_abs_diff": diff, "bitwise_equal": bitwise})
         del model, opt
@@ -199,14 +211,10 @@ def gradient_checkpointing_experiment(model: GPT, batch, repeats: int) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg: CheckpointingConfig = config_from_args(CheckpointingConfig, argv, prog=f"python -m minilife.chapters.{CHAPTER}")
-    steps = cfg.steps if cfg.steps is not None else (6 if cfg.smoke else 40)
-    kill_at = cfg.kill_at if cfg.kill_at is not None else steps // 2  # in [1, steps): checked in __post_init__
-    gc_preset = cfg.gc_preset or ("micro" if cfg.smoke else "tiny")
-    gc_t = cfg.gc_context_length if cfg.gc_context_length is not None else (64 if cfg.smoke else 128)
-    repeats = cfg.gc_repeats if cfg.gc_repeats is not None else (2 if cfg.smoke else 15)
-    out = chapter_dir(CHAPTER, cfg.smoke, cfg.out)
-    device = pick_device(cfg.device)
-    data_dir, tokenizer, train_tokens, _ = load_data(cfg.smoke, cfg.data_dir)
+    steps, kill_at, gc_preset, gc_t, repeats = cfg.steps, cfg.kill_at, cfg.gc_preset, cfg.gc_context_length, cfg.gc_repeats
+    out, device = start_run(CHAPTER, cfg)
+    data_dir = ensure_data(cfg.smoke, cfg.data_dir)
+    tokenizer, train_tokens, _ = load_token_data(data_dir)
     vocab = tokenizer.vocab_size
     logger = MetricsLogger(out / "metrics.jsonl")
 

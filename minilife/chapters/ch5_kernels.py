@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from minilife.common import (MetricsLogger, chapter_dir, cli_field, config_from_args, markdown_table,
-                             pick_device, plot_lines, seed_everything, write_json_atomic)
+from minilife.common import (MetricsLogger, RunConfig, check_flags, cli_field, config_from_args, markdown_table,
+                             plot_lines, start_run, write_json_atomic)
 from minilife.kernels import interpreting, triton_available
 from minilife.kernels.cross_entropy import cross_entropy
 from minilife.kernels.flash_attention import bench_attention, flash_attention
@@ -59,24 +59,21 @@ NA = "n/a (no GPU; see tests under the interpreter)"
 
 
 @dataclass
-class KernelsConfig:
+class KernelsConfig(RunConfig):
     """Triton attention and cross-entropy vs float64 math: parity, memory saved, timings on a GPU."""
-    smoke: bool = cli_field(False, "CI-sized run, seconds")
-    out: Optional[str] = cli_field(None, "output dir (default runs/ch5_kernels[-smoke]/)")
     seed: int = cli_field(0, "seed for all random inputs")
     device: str = cli_field("auto", "auto | cpu | cuda")
     interpret: bool = cli_field(True, "with no GPU, run the Triton tiers in Triton's interpreter (small sizes)")
-    tokens: Optional[int] = cli_field(None, "tokens N in the vocabulary sweep (default 2048; smoke 64)")
-    hidden: Optional[int] = cli_field(None, "hidden size C in the vocabulary sweep (default 256; smoke 16)")
-    vocabs: Optional[list[int]] = cli_field(None, "vocabularies V swept (default 2048 8192 32768 50257)")
-    chunk: Optional[int] = cli_field(None, "rows per chunk of the fused loss in the sweep (default N/8)")
-    seq_lens: Optional[list[int]] = cli_field(None, "sequence lengths T swept for attention (default 256 512 1024)")
+    tokens: int = cli_field(2048, "tokens N in the vocabulary sweep", smoke=64)
+    hidden: int = cli_field(256, "hidden size C in the vocabulary sweep", smoke=16)
+    vocabs: list[int] = cli_field([2048, 8192, 32768, 50257], "vocabularies V swept", smoke=[256, 1024, 4096])
+    chunk: Optional[int] = cli_field(None, "rows per chunk of the fused loss in the sweep (None: N/8)")
+    seq_lens: list[int] = cli_field([256, 512, 1024], "sequence lengths T swept for attention", smoke=[64, 128])
 
     def __post_init__(self):
-        for name in ("tokens", "hidden", "chunk"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.vocabs is not None and (not self.vocabs or min(self.vocabs) < 2):
+        super().__post_init__()
+        check_flags(self, at_least=dict(tokens=1, hidden=1, chunk=1))
+        if not self.vocabs or min(self.vocabs) < 2:
             raise ValueError(f"--vocabs needs one or more sizes >= 2, got {self.vocabs}")
         if self.seq_lens is not None and (not self.seq_lens or min(self.seq_lens) < 1):
             raise ValueError(f"--seq-lens needs one or more lengths >= 1, got {self.seq_lens}")
@@ -243,9 +240,7 @@ def memory_sweep_attention(device, T_list: list[int], B=1, H=4, D=32) -> list[di
 
 def main(argv: list[str] | None = None) -> dict:
     cfg: KernelsConfig = config_from_args(KernelsConfig, argv, prog=f"python -m minilife.chapters.{CHAPTER}")
-    out_dir = chapter_dir(CHAPTER, cfg.smoke, cfg.out)
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
+    out_dir, device = start_run(CHAPTER, cfg)
     cuda = device.type == "cuda"
     if cuda and triton_available():
         triton_mode = "cuda"
@@ -253,10 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
         triton_mode = "interpreter"
     else:
         triton_mode = "n/a"
-    N = cfg.tokens or (64 if cfg.smoke else 2048)
-    C = cfg.hidden or (16 if cfg.smoke else 256)
-    vocabs = cfg.vocabs or ([256, 1024, 4096] if cfg.smoke else [2048, 8192, 32768, 50257])
-    seq_lens = cfg.seq_lens or ([64, 128] if cfg.smoke else [256, 512, 1024])
+    N, C, vocabs, seq_lens = cfg.tokens, cfg.hidden, cfg.vocabs, cfg.seq_lens
     log = MetricsLogger(out_dir / "metrics.jsonl")
     print(f"[{CHAPTER}] device {device}; Triton tiers: {triton_mode}; writing to {out_dir}")
 

@@ -37,40 +37,40 @@ from typing import Optional
 
 import torch
 
-from minilife.chapters.loop import BatchSource, check_flags, load_data, train_steps
-from minilife.common import (MetricsLogger, chapter_dir, cli_field, config_from_args, pick_device, plot_lines,
-                             seed_everything, write_json_atomic)
-from minilife.model.transformer import GPT, ModelConfig
+from minilife.artifacts import ensure_data, load_token_data
+from minilife.common import (MetricsLogger, RunConfig, check_flags, cli_field, config_from_args, plot_lines, start_run,
+                             write_json_atomic)
+from minilife.model.transformer import GPT, PRESETS, ModelConfig
 from minilife.optim.adamw import AdamW
 from minilife.optim.clip import clip_grad_norm
+from minilife.train import BatchSource
 
 CHAPTER = "ch5_precision"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
-class PrecisionConfig:
+class PrecisionConfig(RunConfig):
     """fp16 vs bf16: ranges, fp16 gradient underflow, loss scaling (static and dynamic), bf16 needing none."""
-    smoke: bool = cli_field(False, "CI-sized run, seconds")
-    out: Optional[str] = cli_field(None, "output dir (default runs/ch5_precision[-smoke]/)")
     seed: int = cli_field(0, "seed")
     device: str = cli_field("auto", "auto | cpu | cuda | mps")
-    data_dir: Optional[str] = cli_field(None, "ch2_data output dir; built if missing")
-    preset: Optional[str] = cli_field(None, "ModelConfig preset (default tiny; smoke micro)")
+    data_dir: Optional[str] = cli_field(None, "ch2_data output dir, built if missing (default runs/ch2_data[-smoke]/)")
+    preset: str = cli_field("tiny", "ModelConfig preset", smoke="micro")
     batch_size: int = cli_field(8, "sequences per batch")
-    context_length: Optional[int] = cli_field(None, "tokens per sequence (default 64; smoke 32)")
-    warm_steps: Optional[int] = cli_field(None, "fp32 steps before measuring gradients (default 30; smoke 3)")
+    context_length: int = cli_field(64, "tokens per sequence", smoke=32)
+    warm_steps: int = cli_field(30, "fp32 steps before measuring gradients", smoke=3)
     shrink_exponents: list[int] = cli_field([0, 8, 12, 16, 20], "e values: the loss is multiplied by 2^-e")
     static_scale_exponent: int = cli_field(16, "static loss scale S = 2^this")
-    train_steps: Optional[int] = cli_field(None, "steps of the fp32/bf16/fp16 training comparison (default 40; smoke 6)")
+    train_steps: int = cli_field(40, "steps of the fp32/bf16/fp16 training comparison", smoke=6)
     train_shrink_exponent: int = cli_field(16, "e of the training comparison (gradients 2^-e of this batch's)")
     scaler_init_exponent: int = cli_field(40, "dynamic scaler starts at S = 2^this (too high on purpose: it must back off)")
     scaler_growth_interval: int = cli_field(10, "good steps before the dynamic scaler doubles S")
     lr: float = cli_field(2e-3, "AdamW learning rate")
 
     def __post_init__(self):
+        super().__post_init__()
         check_flags(self, at_least=dict(batch_size=1, context_length=1, warm_steps=0, train_steps=1,
-                                        scaler_growth_interval=1), above=dict(lr=0), presets=("preset",))
+                                        scaler_growth_interval=1), above=dict(lr=0), choices={"preset": PRESETS})
         if not self.shrink_exponents:
             raise ValueError("--shrink-exponents needs at least one value")
 
@@ -230,14 +230,10 @@ def _fmt_row(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg: PrecisionConfig = config_from_args(PrecisionConfig, argv, prog=f"python -m minilife.chapters.{CHAPTER}")
-    preset = cfg.preset or ("micro" if cfg.smoke else "tiny")
-    t = cfg.context_length if cfg.context_length is not None else (32 if cfg.smoke else 64)
-    warm = cfg.warm_steps if cfg.warm_steps is not None else (3 if cfg.smoke else 30)
-    n_train = cfg.train_steps if cfg.train_steps is not None else (6 if cfg.smoke else 40)
-    out = chapter_dir(CHAPTER, cfg.smoke, cfg.out)
-    device = pick_device(cfg.device)
-    seed_everything(cfg.seed)
-    data_dir, tokenizer, train_tokens, _ = load_data(cfg.smoke, cfg.data_dir)
+    preset, t, warm, n_train = cfg.preset, cfg.context_length, cfg.warm_steps, cfg.train_steps
+    out, device = start_run(CHAPTER, cfg)
+    data_dir = ensure_data(cfg.smoke, cfg.data_dir)
+    tokenizer, train_tokens, _ = load_token_data(data_dir)
     logger = MetricsLogger(out / "metrics.jsonl")
 
     formats = format_table()
@@ -250,8 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     # a model that has started learning, and one batch to take gradients on
     model = GPT(ModelConfig.preset(preset, vocab_size=tokenizer.vocab_size, context_length=t)).to(device)
     source = BatchSource(train_tokens, cfg.batch_size, t, seed=cfg.seed, device=device)
-    opt = AdamW(model.param_groups(0.1), lr=cfg.lr, betas=(0.9, 0.95))
-    train_steps(model, opt, source, range(warm), lambda s: cfg.lr)
+    train_mixed(model, source, warm, cfg.lr, torch.float32, 1.0, None)  # plain fp32 steps
     batch = source.micro_batch(10_000)
     S = 2.0 ** cfg.static_scale_exponent
     print(f"\n[{CHAPTER}] gradient entries flushed to zero ({preset} model after {warm} fp32 steps, loss x 2^-e; "

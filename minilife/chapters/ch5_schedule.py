@@ -30,51 +30,50 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import torch
-
-from minilife.chapters.loop import BatchSource, check_flags, evaluate, load_data, optimizer_step
-from minilife.checkpoint import NonFiniteLossError
-from minilife.common import (MetricsLogger, chapter_dir, cli_field, config_from_args, pick_device, plot_lines,
-                             seed_everything, write_json_atomic)
-from minilife.model.transformer import GPT, ModelConfig
+from minilife.artifacts import ensure_data, load_token_data
+from minilife.common import (MetricsLogger, RunConfig, check_flags, cli_field, config_from_args, plot_lines,
+                             seed_everything, start_run, write_json_atomic)
+from minilife.model.transformer import GPT, PRESETS, ModelConfig
 from minilife.optim.adamw import AdamW
+from minilife.optim.clip import clip_grad_norm
 from minilife.optim.schedule import EarlyStopping, PlateauScheduler, warmup_cosine_lr
+from minilife.train import BatchSource, evaluate
 
 CHAPTER = "ch5_schedule"
 
 
 @dataclass
-class ScheduleConfig:
+class ScheduleConfig(RunConfig):
     """Warmup vs none at a high LR (the spike), reduce-on-plateau, and early stopping on validation loss."""
-    smoke: bool = cli_field(False, "CI-sized run, seconds")
-    out: Optional[str] = cli_field(None, "output dir (default runs/ch5_schedule[-smoke]/)")
     seed: int = cli_field(0, "seed (every run starts from the same init and sees the same batches)")
     device: str = cli_field("auto", "auto | cpu | cuda | mps")
-    data_dir: Optional[str] = cli_field(None, "ch2_data output dir; built if missing")
-    preset: Optional[str] = cli_field(None, "ModelConfig preset (default tiny; smoke micro)")
+    data_dir: Optional[str] = cli_field(None, "ch2_data output dir, built if missing (default runs/ch2_data[-smoke]/)")
+    preset: str = cli_field("tiny", "ModelConfig preset", smoke="micro")
     batch_size: int = cli_field(8, "sequences per step")
-    context_length: Optional[int] = cli_field(None, "tokens per sequence (default 64; smoke 32)")
-    steps: Optional[int] = cli_field(None, "steps per run (default 200; smoke 8)")
+    context_length: int = cli_field(64, "tokens per sequence", smoke=32)
+    steps: int = cli_field(200, "steps per run", smoke=8)
     high_lr: float = cli_field(0.1, "peak LR of the warmup / no-warmup pair")
-    warmup_steps: Optional[int] = cli_field(None, "warmup length (default steps/5)")
+    warmup_steps: Optional[int] = cli_field(None, "warmup length (None: --steps / 5)")
     grad_clip: float = cli_field(0.0, "global-norm clipping in the warmup pair (0 = off: clipping hides part of the spike)")
     plateau_lr: float = cli_field(5e-2, "starting LR of the reduce-on-plateau run (and peak of its cosine neighbour)")
     plateau_patience: int = cli_field(1, "evaluations without improvement before the LR is halved")
     plateau_threshold: float = cli_field(0.01, "relative val-loss improvement over the best that counts as progress")
-    eval_every: Optional[int] = cli_field(None, "steps between validation evaluations (default 10; smoke 2)")
+    eval_every: int = cli_field(10, "steps between validation evaluations", smoke=2)
     eval_batches: int = cli_field(4, "validation batches per evaluation")
     overfit_tokens: int = cli_field(3000, "early stopping: train on only the first N training tokens")
     overfit_lr: float = cli_field(3e-3, "early stopping: peak LR (warmup + cosine)")
     stop_patience: int = cli_field(3, "early stopping patience (evaluations)")
 
     def __post_init__(self):
+        super().__post_init__()
         check_flags(self, at_least=dict(batch_size=1, context_length=1, steps=1, warmup_steps=0, grad_clip=0,
                                         plateau_patience=0, plateau_threshold=0, eval_every=1, eval_batches=1,
                                         overfit_tokens=1, stop_patience=1),
-                    above=dict(high_lr=0, plateau_lr=0, overfit_lr=0), presets=("preset",))
-        steps = self.steps if self.steps is not None else (8 if self.smoke else 200)
-        if self.warmup_steps is not None and self.warmup_steps > steps:
-            raise ValueError(f"--warmup-steps {self.warmup_steps} must be <= --steps {steps}")
+                    above=dict(high_lr=0, plateau_lr=0, overfit_lr=0), choices={"preset": PRESETS})
+        if self.warmup_steps is None:
+            self.warmup_steps = max(1, self.steps // 5)
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"--warmup-steps {self.warmup_steps} must be <= --steps {self.steps}")
 
 
 def run(model: GPT, source: BatchSource, steps: int, lr_at: Callable[[int], float], *, grad_clip: float,
@@ -87,14 +86,20 @@ def run(model: GPT, source: BatchSource, steps: int, lr_at: Callable[[int], floa
     hist = {"step": [], "loss": [], "lr": [], "val_step": [], "val_loss": [], "diverged_at": None}
     override = None
     for step in range(steps):
-        lr = override if override is not None else lr_at(step)
-        try:
-            res = optimizer_step(model, opt, [source.micro_batch(step)], lr=lr, grad_clip=grad_clip, step=step)
-        except NonFiniteLossError:
+        lr = override if override is not None else lr_at(step)  # the schedule's step
+        for group in opt.param_groups:
+            group["lr"] = lr
+        b = source.micro_batch(step)
+        _, loss = model(b.inputs, b.targets, **b.attention)  # forward + mean cross-entropy
+        if not math.isfinite(loss.item()):  # diverged: stop before the update
             hist["diverged_at"] = step
             break
+        loss.backward()
+        clip_grad_norm(model.parameters(), grad_clip or math.inf)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         hist["step"].append(step + 1)
-        hist["loss"].append(res.loss)
+        hist["loss"].append(loss.item())
         hist["lr"].append(lr)
         if val is not None and eval_every and (step + 1) % eval_every == 0:
             v = evaluate(model, val, eval_batches)
@@ -122,14 +127,10 @@ def spike(losses: list[float]) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg: ScheduleConfig = config_from_args(ScheduleConfig, argv, prog=f"python -m minilife.chapters.{CHAPTER}")
-    preset = cfg.preset or ("micro" if cfg.smoke else "tiny")
-    t = cfg.context_length if cfg.context_length is not None else (32 if cfg.smoke else 64)
-    steps = cfg.steps if cfg.steps is not None else (8 if cfg.smoke else 200)
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, steps // 5)
-    eval_every = cfg.eval_every if cfg.eval_every is not None else (2 if cfg.smoke else 10)
-    out = chapter_dir(CHAPTER, cfg.smoke, cfg.out)
-    device = pick_device(cfg.device)
-    data_dir, tokenizer, train_tokens, val_tokens = load_data(cfg.smoke, cfg.data_dir)
+    preset, t, steps, warmup, eval_every = cfg.preset, cfg.context_length, cfg.steps, cfg.warmup_steps, cfg.eval_every
+    out, device = start_run(CHAPTER, cfg)
+    data_dir = ensure_data(cfg.smoke, cfg.data_dir)
+    tokenizer, train_tokens, val_tokens = load_token_data(data_dir)
     model_cfg = ModelConfig.preset(preset, vocab_size=tokenizer.vocab_size, context_length=t)
     train = BatchSource(train_tokens, cfg.batch_size, t, seed=cfg.seed, stream=0, device=device)
     val = BatchSource(val_tokens, cfg.batch_size, t, seed=cfg.seed, stream=1, device=device)

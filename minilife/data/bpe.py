@@ -16,12 +16,12 @@ What it implements
 - ``save``/``load``: readable JSON. Each token appears as its bytes read as Latin-1 (a 1:1 map of
   bytes to the first 256 code points), so ASCII tokens read as themselves and other bytes show as
   JSON escapes, e.g. "\\u00e2\\u0080\\u0099" for the UTF-8 bytes of a curly apostrophe.
-- ``train_bpe`` (the algorithm is in ``minilife.data.bpe_train``) and ``Tokenizer.gpt2()``.
-- ``read_text_file`` (from ``bpe_train``, re-exported): strict UTF-8 reading that names the file,
-  byte offset and line of a bad byte; ``errors="replace"`` repairs and warns with a count.
+- ``Tokenizer.gpt2()``: GPT-2's own ranks from tiktoken's file cache (never the network).
+- ``GPT2_PATTERN`` and ``special_token_regex``, which encoding and training (``bpe_train``) share.
 
 What it leaves out: byte-fallback / unknown tokens (byte-level BPE never needs them), normalisation
-(done in ``minilife.data.clean``), and the "disallowed special" error mode of tiktoken.
+(done in ``minilife.data.clean``), the "disallowed special" error mode of tiktoken, and training
+(``minilife.data.bpe_train.train_bpe`` learns the ranks and builds a ``Tokenizer``).
 """
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import tempfile
-import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import AbstractSet, Iterable, Mapping, Sequence, Union
@@ -37,12 +36,15 @@ from typing import AbstractSet, Iterable, Mapping, Sequence, Union
 import regex
 
 from minilife.common import write_json_atomic
-from minilife.data.bpe_train import (GPT2_PATTERN, count_pretokens, learn_merges, read_text_file,
-                                     special_token_regex)
+from minilife.data.checks import check_text
 
 EOT = "<|endoftext|>"
 FORMAT, VERSION = "minilife-bpe", 1
 AllowedSpecial = Union[str, AbstractSet[str], Sequence[str]]
+# GPT-2's pre-tokeniser: contractions, optional space + letters, optional space + numbers,
+# optional space + other symbols, whitespace not followed by a non-space (so a run of spaces
+# leaves its last space to the next word), and any remaining whitespace.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 # GPT-2's BPE files as tiktoken caches them: the file name is sha1(url); the sha256 is the content's.
 _GPT2_FILES = {
@@ -55,11 +57,6 @@ _GPT2_FILES = {
 
 class TokenizerFileError(ValueError):
     """A tokenizer file that is not valid JSON, not ours, or of an unknown version (names the file)."""
-
-
-def _check_str(text: object, where: str) -> None:
-    if not isinstance(text, str):  # bytes/None would fail deep inside regex or tiktoken
-        raise TypeError(f"Tokenizer.{where}: text must be a str, got {type(text).__name__}")
 
 
 def _fix_surrogates(text: str) -> str:
@@ -169,7 +166,7 @@ class Tokenizer:
 
     def encode(self, text: str, allowed_special: AllowedSpecial = "none") -> list[int]:
         """Readable pure-Python encoder: ``text`` -> token ids (specials only if allowed)."""
-        _check_str(text, "encode")
+        check_text(text, "Tokenizer.encode: text")
         allowed = self._allowed(allowed_special)
         ids: list[int] = []
         for chunk in self._split_specials(_fix_surrogates(text), allowed):
@@ -198,7 +195,7 @@ class Tokenizer:
 
     def encode_fast(self, text: str, allowed_special: AllowedSpecial = "none") -> list[int]:
         """Same ids as ``encode``, computed by tiktoken."""
-        _check_str(text, "encode_fast")
+        check_text(text, "Tokenizer.encode_fast: text")
         enc = self.to_tiktoken()
         if allowed_special == "none":
             return enc.encode_ordinary(text)
@@ -240,15 +237,18 @@ class Tokenizer:
         return self.decode_bytes([token_id])
 
     # ---------------------------------------------------------------- save / load
+    def state(self) -> dict:
+        """Everything that defines the tokenizer as plain JSON-able data (what ``save`` writes and a
+        checkpoint carries); ``Tokenizer.from_state`` rebuilds it."""
+        ranks = dict(sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]))
+        return {"format": FORMAT, "version": VERSION, "name": self.name, "pattern": self.pattern,
+                "vocab_size": self.vocab_size, "special_tokens": self.special_tokens,
+                "token_encoding": "each key of 'ranks' is the token's bytes read as Latin-1",
+                "ranks": {tok.decode("latin-1"): rank for tok, rank in ranks.items()}}
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write readable JSON atomically (temp file + rename); ``Tokenizer.load`` reads it back."""
-        ranks = dict(sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]))
-        return write_json_atomic(path, {
-            "format": FORMAT, "version": VERSION, "name": self.name, "pattern": self.pattern,
-            "vocab_size": self.vocab_size, "special_tokens": self.special_tokens,
-            "token_encoding": "each key of 'ranks' is the token's bytes read as Latin-1",
-            "ranks": {tok.decode("latin-1"): rank for tok, rank in ranks.items()},
-        })
+        return write_json_atomic(path, self.state())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -269,21 +269,26 @@ class Tokenizer:
                                      f"{e.msg}); is it a file written by Tokenizer.save?") from None
         except UnicodeDecodeError as e:
             raise TokenizerFileError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
+        return cls.from_state(obj, source=str(path))
+
+    @classmethod
+    def from_state(cls, obj: object, source: str = "tokenizer state") -> "Tokenizer":
+        """Rebuild a tokenizer from ``state()``'s dict; errors name ``source`` (a file, a checkpoint)."""
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-            raise TokenizerFileError(f"{path}: not a minilife tokenizer file (expected \"format\": "
+            raise TokenizerFileError(f"{source}: not a minilife tokenizer file (expected \"format\": "
                                      f"\"{FORMAT}\")")
         if obj.get("version") != VERSION:
-            raise TokenizerFileError(f"{path}: tokenizer file version {obj.get('version')!r}; this "
+            raise TokenizerFileError(f"{source}: tokenizer file version {obj.get('version')!r}; this "
                                      f"code reads version {VERSION}")
         for key, typ in (("pattern", str), ("special_tokens", dict), ("ranks", dict)):
             if not isinstance(obj.get(key), typ):
-                raise TokenizerFileError(f"{path}: field {key!r} is missing or not a {typ.__name__}")
+                raise TokenizerFileError(f"{source}: field {key!r} is missing or not a {typ.__name__}")
         try:
             ranks = {tok.encode("latin-1"): int(rank) for tok, rank in obj["ranks"].items()}
             specials = {str(s): int(i) for s, i in obj["special_tokens"].items()}
-            return cls(ranks, specials, pattern=obj["pattern"], name=str(obj.get("name", path.stem)))
+            return cls(ranks, specials, pattern=obj["pattern"], name=str(obj.get("name", "bpe")))
         except (ValueError, TypeError, UnicodeEncodeError) as e:
-            raise TokenizerFileError(f"{path}: invalid tokenizer contents: {e}") from None
+            raise TokenizerFileError(f"{source}: invalid tokenizer contents: {e}") from None
 
     # ---------------------------------------------------------------- GPT-2
     @classmethod
@@ -313,49 +318,12 @@ class Tokenizer:
         return cls(ranks, {EOT: 50256}, pattern=GPT2_PATTERN, name="gpt2")
 
 
+def special_token_regex(special_tokens: Iterable[str]) -> "regex.Pattern[str] | None":
+    """A regex matching any of ``special_tokens``, longest first (so "<|a|>b" wins over "<|a|>")."""
+    ordered = sorted(set(special_tokens), key=lambda s: (-len(s), s))
+    return regex.compile("|".join(regex.escape(s) for s in ordered)) if ordered else None
+
+
 @lru_cache(maxsize=64)
 def _special_regex(allowed: frozenset[str]):
     return special_token_regex(allowed)
-
-
-# -------------------------------------------------------------------- training entry point
-def train_bpe(text: str | os.PathLike | Iterable[str], vocab_size: int,
-              special_tokens: Sequence[str] = (EOT,), progress: bool = False,
-              pattern: str = GPT2_PATTERN, name: str = "minilife-bpe") -> Tokenizer:
-    """Train byte-level BPE to ``vocab_size`` ids (256 bytes + merges + special tokens).
-
-    ``text`` is one string, an iterable of documents (each pre-tokenised on its own), or a
-    ``pathlib.Path`` read with ``read_text_file``. If the corpus runs out of pairs first, training
-    stops early with a warning and the tokenizer is smaller than asked.
-    """
-    if isinstance(special_tokens, str):
-        special_tokens = (special_tokens,)
-    special_tokens = list(special_tokens)
-    seen = set()
-    for s in special_tokens:
-        if not isinstance(s, str) or not s:
-            raise ValueError(f"train_bpe: special token {s!r} must be a non-empty string")
-        if s in seen:
-            raise ValueError(f"train_bpe: special token {s!r} is listed twice")
-        seen.add(s)
-    if not isinstance(vocab_size, int):
-        raise TypeError(f"train_bpe: vocab_size={vocab_size!r} must be an int")
-    if vocab_size < 256 + len(special_tokens):
-        raise ValueError(f"train_bpe: vocab_size={vocab_size!r} is too small: it must be at least 256 "
-                         f"(bytes) + {len(special_tokens)} (special tokens) = {256 + len(special_tokens)}")
-    try:
-        regex.compile(pattern)
-    except regex.error as e:
-        raise ValueError(f"train_bpe: pattern {pattern!r} is not a valid regex ({e})") from None
-    if isinstance(text, os.PathLike):
-        text = read_text_file(text)
-    counts = count_pretokens([text] if isinstance(text, str) else text, pattern, special_tokens)
-    if not counts:
-        raise ValueError("train_bpe: the corpus is empty (no text outside special tokens)")
-    n_merges = vocab_size - 256 - len(special_tokens)
-    vocab = learn_merges(counts, n_merges, progress=progress)
-    if len(vocab) - 256 < n_merges:
-        warnings.warn(f"train_bpe: the corpus ran out of pairs after {len(vocab) - 256} merges; "
-                      f"vocab_size is {len(vocab) + len(special_tokens)}, not {vocab_size}", stacklevel=2)
-    ranks = {tok: i for i, tok in enumerate(vocab)}
-    return Tokenizer(ranks, special_tokens, pattern=pattern, name=name)

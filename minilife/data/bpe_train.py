@@ -1,27 +1,29 @@
-"""Byte-level BPE training: learn merge ranks from text, with incremental pair counts.
+"""Byte-level BPE training: learn merge ranks from text, first naively, then with incremental counts.
 
 What it implements
-- GPT-2 pre-tokenisation (``GPT2_PATTERN``, run with the ``regex`` module): text is cut into
-  pre-tokens (words with their leading space, numbers, punctuation runs, whitespace) and merges
-  never cross a pre-token boundary. Special tokens are cut out of the text *before* that, so no
-  merge ever reaches into or across ``<|endoftext|>``.
 - Byte-pair encoding (Sennrich et al. 2016, "Neural Machine Translation of Rare Words with Subword
   Units"; byte-level as in GPT-2, Radford et al. 2019): start from the 256 bytes, repeatedly merge the
   most frequent adjacent pair of tokens into a new token.
+- Pre-tokenisation first (``count_pretokens``, GPT-2's pattern from ``bpe.py``): text is cut into
+  pre-tokens (words with their leading space, numbers, punctuation runs, whitespace) and merges
+  never cross a pre-token boundary. Special tokens are cut out of the text *before* that, so no
+  merge ever reaches into or across ``<|endoftext|>``.
 - Ties between equally frequent pairs go to the lexicographically *greatest* pair of bytes: the pair
   (bytes_a, bytes_b) is compared as a Python tuple of bytes, so first bytes_a, then bytes_b.
   (b"p", b"ug") beats (b"hug", b"s") because b"p" > b"hug". This makes training deterministic.
-- ``read_text_file``: training text from a file is strict UTF-8: a bad byte raises ValueError naming
-  the file, byte offset and line (``errors="replace"`` repairs with U+FFFD and warns with a count).
-- Incremental counting: each distinct pre-token is stored once with its frequency; we keep
-  ``pair -> count`` and ``pair -> set of words holding it``. A merge rewrites only the words that hold
-  the merged pair and applies the count changes of just those words -- no full recount per merge.
-  The best pair comes from a heap with lazy invalidation: every count change pushes a fresh entry,
-  and a popped entry whose count no longer matches ``pair_counts`` is stale and dropped.
+- ``learn_merges_naive`` (read this first): recount every pair of every word after every merge.
+  ``learn_merges`` learns the same merges without the recount: each distinct pre-token is stored
+  once with its frequency; we keep ``pair -> count`` and ``pair -> set of words holding it``. A merge
+  rewrites only the words that hold the merged pair and applies the count changes of just those
+  words. The best pair comes from a heap with lazy invalidation: every count change pushes a fresh
+  entry, and a popped entry whose count no longer matches ``pair_counts`` is stale and dropped.
+- ``train_bpe(vocab_size, text=... | files=...)``: the entry point; returns a ``bpe.Tokenizer``. Text
+  and files are separate keywords, so a file name can never be trained on as if it were the corpus.
+  Files are read by ``read_text_file``: strict UTF-8, a bad byte raises ValueError naming the file,
+  byte offset and line (``errors="replace"`` repairs with U+FFFD and warns with a count).
 
 What it leaves out: parallel pre-tokenisation (one process is fast enough at course sizes), a
-minimum pair frequency, and dropout-BPE. ``minilife.data.bpe`` turns the learned ranks into a
-``Tokenizer``; ``train_bpe`` lives there.
+minimum pair frequency, and dropout-BPE.
 """
 from __future__ import annotations
 
@@ -35,10 +37,7 @@ from typing import Iterable, Sequence
 import regex
 from tqdm import tqdm
 
-# GPT-2's pre-tokeniser: contractions, optional space + letters, optional space + numbers,
-# optional space + other symbols, whitespace not followed by a non-space (so a run of spaces
-# leaves its last space to the next word), and any remaining whitespace.
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+from minilife.data.bpe import EOT, GPT2_PATTERN, Tokenizer, special_token_regex
 
 
 def read_text_file(path: str | os.PathLike, errors: str = "strict") -> str:
@@ -64,14 +63,6 @@ def read_text_file(path: str | os.PathLike, errors: str = "strict") -> str:
                          f"read_text_file(path, errors='replace')") from None
 
 
-def special_token_regex(special_tokens: Iterable[str]) -> "regex.Pattern[str] | None":
-    """A regex matching any of ``special_tokens``, longest first (so "<|a|>b" wins over "<|a|>")."""
-    ordered = sorted(set(special_tokens), key=lambda s: (-len(s), s))
-    if not ordered:
-        return None
-    return regex.compile("|".join(regex.escape(s) for s in ordered))
-
-
 def count_pretokens(texts: Iterable[str], pattern: str, special_tokens: Sequence[str]) -> Counter:
     """Count distinct pre-tokens (as UTF-8 bytes) over ``texts``; special tokens are cut out first."""
     pretok = regex.compile(pattern)
@@ -83,6 +74,30 @@ def count_pretokens(texts: Iterable[str], pattern: str, special_tokens: Sequence
         for chunk in (specials.split(text) if specials is not None else (text,)):
             counts.update(pretok.findall(chunk))  # Counter over str pieces: fast C loop
     return Counter({piece.encode("utf-8"): n for piece, n in counts.items()})
+
+
+def learn_merges_naive(pretoken_counts: dict[bytes, int], n_merges: int) -> list[bytes]:
+    """The textbook trainer: after every merge, recount every pair of every word. Same arguments, result
+    and tie rule as ``learn_merges``; it costs (merges x corpus), so it is for reading and checking."""
+    vocab = [bytes([b]) for b in range(256)]  # id = index; ids 0..255 are the single bytes
+    words = [([bytes([b]) for b in piece], n) for piece, n in pretoken_counts.items()]
+    while len(vocab) - 256 < n_merges:
+        counts: Counter = Counter()
+        for word, n in words:
+            for pair in zip(word, word[1:]):
+                counts[pair] += n
+        if not counts:
+            break  # every pre-token is one token
+        a, b = max(counts, key=lambda pair: (counts[pair], pair))  # most frequent, then greatest (a, b)
+        if a + b not in vocab:  # two different merges can spell the same bytes: one token
+            vocab.append(a + b)
+        for word, _ in words:
+            i = 0
+            while i < len(word) - 1:  # left to right, so "aaa" with pair (a, a) becomes [aa, a]
+                if word[i] == a and word[i + 1] == b:
+                    word[i:i + 2] = [a + b]
+                i += 1
+    return vocab
 
 
 def _reverse_key(token: bytes) -> tuple[int, ...]:
@@ -178,3 +193,48 @@ def learn_merges(pretoken_counts: dict[bytes, int], n_merges: int,
                 where.pop(p, None)
     bar.close()
     return vocab
+
+
+def train_bpe(vocab_size: int, *, text: str | Iterable[str] | None = None,
+              files: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+              special_tokens: Sequence[str] = (EOT,), progress: bool = False, pattern: str = GPT2_PATTERN,
+              name: str = "minilife-bpe", naive: bool = False) -> Tokenizer:
+    """Train byte-level BPE to ``vocab_size`` ids (256 bytes + merges + special tokens).
+
+    Give exactly one of ``text`` (one string, or an iterable of documents, each pre-tokenised on its
+    own) or ``files`` (one path or a list of paths; each file, read by ``read_text_file``, is one
+    document). ``naive=True`` learns with ``learn_merges_naive``. If the corpus runs out of pairs
+    first, training stops early with a warning and the tokenizer is smaller than asked.
+    """
+    if (text is None) == (files is None):
+        raise TypeError("train_bpe: give exactly one of text=... (the corpus itself) or files=... (paths)")
+    if isinstance(text, (os.PathLike, bytes)):
+        raise TypeError(f"train_bpe: text is a {type(text).__name__}; to train on a file use files=...")
+    if isinstance(special_tokens, str):
+        special_tokens = (special_tokens,)
+    special_tokens = list(special_tokens)
+    for i, s in enumerate(special_tokens):
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"train_bpe: special token {s!r} must be a non-empty string")
+        if s in special_tokens[:i]:
+            raise ValueError(f"train_bpe: special token {s!r} is listed twice")
+    if not isinstance(vocab_size, int):
+        raise TypeError(f"train_bpe: vocab_size={vocab_size!r} must be an int")
+    if vocab_size < 256 + len(special_tokens):
+        raise ValueError(f"train_bpe: vocab_size={vocab_size!r} is too small: it must be at least 256 "
+                         f"(bytes) + {len(special_tokens)} (special tokens) = {256 + len(special_tokens)}")
+    try:
+        regex.compile(pattern)
+    except regex.error as e:
+        raise ValueError(f"train_bpe: pattern {pattern!r} is not a valid regex ({e})") from None
+    if files is not None:
+        text = (read_text_file(f) for f in ([files] if isinstance(files, (str, os.PathLike)) else files))
+    counts = count_pretokens([text] if isinstance(text, str) else text, pattern, special_tokens)
+    if not counts:
+        raise ValueError("train_bpe: the corpus is empty (no text outside special tokens)")
+    n_merges = vocab_size - 256 - len(special_tokens)
+    vocab = learn_merges_naive(counts, n_merges) if naive else learn_merges(counts, n_merges, progress)
+    if len(vocab) - 256 < n_merges:
+        warnings.warn(f"train_bpe: the corpus ran out of pairs after {len(vocab) - 256} merges; "
+                      f"vocab_size is {len(vocab) + len(special_tokens)}, not {vocab_size}", stacklevel=2)
+    return Tokenizer({tok: i for i, tok in enumerate(vocab)}, special_tokens, pattern=pattern, name=name)

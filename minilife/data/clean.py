@@ -12,9 +12,11 @@ What it implements
 - ``gopher_check``: the quality rules of Gopher's MassiveText (Rae et al. 2021, appendix A.1.1) with
   every threshold a field of ``GopherRules``; returns the name of the first rule that rejects a
   document, or None. ``gopher_stats`` returns every measured quantity.
-- ``find_pii`` / ``mask_pii``: e-mail addresses, phone numbers (international ``+CC`` forms, North
-  American 3-3-4 and UK 0xx forms) and IPv4 addresses whose four octets are 0-255 without leading
-  zeros; masks are ``<EMAIL>``, ``<PHONE>``, ``<IP>``; counts per kind.
+- ``mask_emails`` / ``mask_ips`` / ``mask_phones`` -> (text, count), one kind each, and ``mask_pii``
+  (all three, in that order) / ``find_pii``: e-mail addresses, IPv4 addresses whose four octets are
+  0-255 without leading zeros, phone numbers (international ``+CC`` forms; North American 3-3-4 with
+  one separator, with the area code in parentheses, or ten bare digits not starting with 0 or 1; UK
+  0xx forms); masks are ``<EMAIL>``, ``<IP>``, ``<PHONE>``.
 
 Words for the Gopher rules are whitespace-separated tokens; the word count and the mean word length
 (punctuation stripped from the ends) use only tokens with a letter or digit, so a menu's ' | ' or a
@@ -36,7 +38,7 @@ from typing import Literal, Sequence
 
 import regex
 
-from minilife.data.minhash import _check_text
+from minilife.data.checks import check_text
 
 # ----------------------------------------------------------------------------------------------
 # normalisation
@@ -49,7 +51,7 @@ def normalise(text: str, form: Literal["NFC", "NFKC"] = "NFC") -> str:
     """Canonical Unicode form and tidy whitespace (see the module docstring for every step)."""
     if form not in ("NFC", "NFKC"):
         raise ValueError(f"normalise: form must be 'NFC' or 'NFKC', got {form!r}")
-    _check_text(text, "normalise: text")
+    check_text(text, "normalise: text")
     text = _INVISIBLE.sub("", _SPACES.sub(" ", text.replace("\r\n", "\n").replace("\r", "\n")))
     text = unicodedata.normalize(form, text)  # after the removals, which can un-normalise a sequence
     text = re.sub(r" *\n *", "\n", re.sub(" {2,}", " ", text))
@@ -89,11 +91,15 @@ def repeated_lines(texts: Sequence[str], min_docs: int = 4, min_chars: int = 40,
 
 
 def remove_lines(text: str, lines: set[str] | Counter) -> tuple[str, list[str]]:
-    """``text`` without the lines in ``lines`` (compared stripped) -> (new text, removed lines)."""
+    """``text`` without each line (compared stripped) in ``lines`` and its newline -> (new text, removed
+    lines without their newline). Every other byte stays as it was: no stripping, no blank-line squeeze."""
     kept, removed = [], []
-    for line in text.split("\n"):
-        (removed if line.strip() in lines else kept).append(line)
-    return re.sub("\n{3,}", "\n\n", "\n".join(kept)).strip(), removed
+    for line in re.findall(r"[^\n]*\n|[^\n]+", text):  # each line with its newline (the last may lack one)
+        if line.strip() in lines:
+            removed.append(line.rstrip("\n"))
+        else:
+            kept.append(line)
+    return "".join(kept), removed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,7 +161,7 @@ def _dup_ngram_chars(words: list[str], n: int, total: int) -> float:
 def gopher_stats(text: str, rules: GopherRules | None = None) -> dict[str, float]:
     """Every quantity the Gopher rules look at, measured on ``text``."""
     rules = rules or GopherRules()
-    words = _check_text(text, "gopher_stats: text").split()
+    words = check_text(text, "gopher_stats: text").split()
     n = len(words)
     real = [w for w in words if any(c.isalnum() for c in w)]  # not a lone '|', '-', '&' ...
     lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
@@ -213,29 +219,53 @@ PII_PATTERNS = {
     "phone": re.compile(
         r"(?<![\w+])(?:"
         r"\+\d{1,3}(?:[ -]\(?\d{1,4}\)?){1,2}(?:[ -]\d{2,4}){2,3}"  # +44 20 7946 0123, +1 (202) 555-0147
-        r"|\(\d{3}\) ?\d{3}-\d{4}"  # (202) 555-0147
+        r"|\(\d{3}\)[ -]?\d{3}[ -]\d{4}"  # (202) 555-0147, (202) 555 0147, (202)-555-0147
         r"|\d{3}([-. ])\d{3}\1\d{4}"  # 202-555-0147, 202.555.0147, 202 555 0147 (one separator)
+        r"|[2-9]\d{9}"  # 2025550147: ten digits, no area code starts with 0 or 1 (so no Unix timestamp)
         r"|0\d{2,4} \d{3,4} \d{3,4}"  # 020 7946 0123, 0113 496 0123
         r")(?![\w-]|\.\d)"),
 }
 MASKS = {"email": "<EMAIL>", "phone": "<PHONE>", "ip": "<IP>"}
 
 
+def _mask(kind: str, text: str, where: str) -> tuple[str, int]:
+    return PII_PATTERNS[kind].subn(MASKS[kind], check_text(text, f"{where}: text"))
+
+
+def mask_emails(text: str) -> tuple[str, int]:
+    """Replace every e-mail address by ``<EMAIL>`` -> (masked text, count)."""
+    return _mask("email", text, "mask_emails")
+
+
+def mask_ips(text: str) -> tuple[str, int]:
+    """Replace every IPv4 address by ``<IP>`` -> (masked text, count)."""
+    return _mask("ip", text, "mask_ips")
+
+
+def mask_phones(text: str) -> tuple[str, int]:
+    """Replace every phone number by ``<PHONE>`` -> (masked text, count). Alone it can read digits inside an
+    e-mail address as a number (``2025550147@mail.example``); ``mask_pii`` masks addresses first."""
+    return _mask("phone", text, "mask_phones")
+
+
+MASKERS = {"email": mask_emails, "ip": mask_ips, "phone": mask_phones}  # in the order mask_pii applies them
+
+
 def find_pii(text: str) -> dict[str, list[str]]:
-    """The PII strings in ``text`` by kind, in order; e-mails first, then IPs, then phones on what is left
+    """The PII strings in ``text`` by kind, in order, found in ``MASKERS`` order on the text masked so far
     (so an address or an IP is never read as a phone number)."""
     found: dict[str, list[str]] = {}
-    _check_text(text, "find_pii: text")
-    for kind in ("email", "ip", "phone"):
+    check_text(text, "find_pii: text")
+    for kind, mask in MASKERS.items():
         found[kind] = [m.group(0) for m in PII_PATTERNS[kind].finditer(text)]
-        text = PII_PATTERNS[kind].sub(MASKS[kind], text)
+        text, _ = mask(text)
     return found
 
 
 def mask_pii(text: str) -> tuple[str, dict[str, int]]:
-    """Replace every e-mail, IPv4 and phone number by its mask -> (masked text, count per kind)."""
+    """Every e-mail, IPv4 address and phone number masked, kind by kind -> (masked text, count per kind)."""
     counts = {}
-    _check_text(text, "mask_pii: text")
-    for kind in ("email", "ip", "phone"):
-        text, counts[kind] = PII_PATTERNS[kind].subn(MASKS[kind], text)
+    check_text(text, "mask_pii: text")
+    for kind, mask in MASKERS.items():
+        text, counts[kind] = mask(text)
     return text, counts

@@ -1,9 +1,13 @@
 """Planting labelled dirt into the wiki: the ground truth every cleaning step is scored against.
 
 What it implements (each function records exactly what it planted on the ``Document``):
-- ``plant_pii``: a sentence carrying an e-mail address, a phone number or an IPv4 address (labels
-  list the exact strings), and, in other documents, look-alikes that are *not* PII: invalid IPs such
-  as ``999.12.4.1``, ISO dates, order numbers, four-part version strings with a fifth part.
+- ``Document``: one wiki page and its labels (``world.py`` builds the pages; this module only dirties
+  them, so it never imports ``world``).
+- ``plant_pii``: a sentence carrying an e-mail address, a phone number (``+1 202 555 0147``,
+  ``(202) 555-0147``, ``(202) 555 0147``, ``(202)-555-0147``, ``202-555-0147``, ``202.555.0147``,
+  ``2025550147``, and UK forms) or an IPv4 address (labels list the exact strings), and, in other
+  documents, look-alikes that are *not* PII: invalid IPs such as ``999.12.4.1``, ISO dates, order
+  numbers, five-part version strings, 10-digit Unix timestamps and 12-digit tracking numbers.
 - ``plant_footers``: one boilerplate line (confidentiality notice, copyright bar...) appended to a
   share of the documents; the same few lines recur across many documents.
 - ``junk_pages``: SEO spam in four styles (keyword stuffing, hashtags, ellipsis teasers, bullet link
@@ -23,13 +27,43 @@ import copy
 import dataclasses
 import random
 import re
-from typing import TYPE_CHECKING, Sequence
+from dataclasses import dataclass, field
+from typing import Sequence
 
 from minilife.data.company import Company
 from minilife.data.minhash import jaccard, shingles
 
-if TYPE_CHECKING:
-    from minilife.data.world import Document
+@dataclass
+class Document:
+    """One wiki page and the truth about its dirt (every label was planted, never guessed)."""
+    doc_id: str
+    source: str  # one of world.SOURCES
+    text: str
+    exact_dup_of: str | None = None  # byte-identical copy of this doc_id (which appears earlier)
+    near_dup_of: str | None = None  # edited copy of this doc_id (which appears earlier)
+    near_dup_target: float | None = None  # the Jaccard the edits aimed at
+    near_dup_jaccard: float | None = None  # actual word-5-gram shingle Jaccard to near_dup_of
+    spam: bool = False  # SEO spam page
+    boilerplate: bool = False  # page that is nothing but cookie banner / navigation junk
+    junk_style: str | None = None  # e.g. "spam-keywords", "boilerplate-cookies"
+    footer_lines: tuple[str, ...] = ()  # planted repeated lines present verbatim in text
+    pii_emails: tuple[str, ...] = ()
+    pii_phones: tuple[str, ...] = ()
+    pii_ips: tuple[str, ...] = ()
+    pii_decoys: tuple[str, ...] = ()  # look-alikes a correct masker must leave alone
+    meta: dict = field(default_factory=dict)  # e.g. {"kind": "release"} for catalogue pages
+
+    @property
+    def junk(self) -> bool:
+        return self.spam or self.boilerplate
+
+    @property
+    def pii(self) -> dict[str, tuple[str, ...]]:
+        return {"email": self.pii_emails, "phone": self.pii_phones, "ip": self.pii_ips}
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
 
 FOOTERS = ("This message and any attachments are confidential and meant only for the named recipient.",
            "© {year} {company}. All rights reserved. | Privacy | Terms | Cookie settings",
@@ -47,10 +81,10 @@ NAV_ITEMS = ("Home", "Products", "Support", "About us", "Careers", "Contact", "B
 
 
 def _phone(rng: random.Random) -> str:
-    k = rng.randrange(100, 200)
-    return rng.choice((f"+1 {rng.choice((202, 312, 415))} 555 0{k}", f"({rng.choice((202, 312, 415))}) 555-0{k}",
-                       f"{rng.choice((202, 312, 415))}-555-0{k}", f"{rng.choice((202, 312, 415))}.555.0{k}",
-                       f"+44 20 7946 0{k}", f"020 7946 0{k}", f"+44 113 496 0{k}", f"0113 496 0{k}"))
+    k, a = rng.randrange(100, 200), rng.choice((202, 312, 415))
+    return rng.choice((f"+1 {a} 555 0{k}", f"({a}) 555-0{k}", f"({a}) 555 0{k}", f"({a})-555-0{k}", f"{a}-555-0{k}",
+                       f"{a}.555.0{k}", f"{a}5550{k}", f"+44 20 7946 0{k}", f"020 7946 0{k}", f"+44 113 496 0{k}",
+                       f"0113 496 0{k}"))
 
 
 def _ip(rng: random.Random) -> str:
@@ -67,7 +101,7 @@ def _insert_line(text: str, line: str, rng: random.Random) -> str:
     return "\n".join(lines[:at] + [line] + lines[at:])
 
 
-def plant_pii(docs: Sequence["Document"], company: Company, rng: random.Random, pii_rate: float,
+def plant_pii(docs: Sequence[Document], company: Company, rng: random.Random, pii_rate: float,
               decoy_rate: float) -> None:
     """Give ``pii_rate`` of the docs one PII sentence and ``decoy_rate`` of them one look-alike sentence."""
     chosen = rng.sample(range(len(docs)), round(pii_rate * len(docs)))
@@ -95,14 +129,15 @@ def plant_pii(docs: Sequence["Document"], company: Company, rng: random.Random, 
         r = rng.randint
         decoy = rng.choice((f"{r(256, 999)}.{r(0, 255)}.{r(0, 255)}.{r(0, 255)}",  # first octet out of range
                             f"{r(1, 9)}.{r(0, 9)}.{r(0, 20)}.{r(0, 99)}.{r(1, 9)}",  # five-part version string
-                            f"2024-{r(1, 12):02d}-{r(1, 28):02d}", f"{r(1000, 9999)}-{r(1000, 9999)}"))
+                            f"2024-{r(1, 12):02d}-{r(1, 28):02d}", f"{r(1000, 9999)}-{r(1000, 9999)}",
+                            f"{r(1_600_000_000, 1_799_999_999)}", f"{r(10**11, 10**12 - 1)}"))  # timestamp, tracking
         line = rng.choice((f"Reference: {decoy} (internal use only).", f"The ticket mentions {decoy} but nothing else.",
                            f"Please quote {decoy} when you reply."))
         docs[i].text = _insert_line(docs[i].text, line, rng)
         docs[i].pii_decoys = docs[i].pii_decoys + (decoy,)
 
 
-def plant_footers(docs: Sequence["Document"], company: Company, rng: random.Random, rate: float) -> None:
+def plant_footers(docs: Sequence[Document], company: Company, rng: random.Random, rate: float) -> None:
     """Append one of a few boilerplate lines to ``rate`` of the docs (the same lines across many docs)."""
     lines = [f.format(year=2024, company=company.name) for f in FOOTERS]
     for i in rng.sample(range(len(docs)), round(rate * len(docs))):
@@ -141,10 +176,8 @@ def _boilerplate_text(company: Company, rng: random.Random, style: str) -> str:
 
 
 def junk_pages(company: Company, rng: random.Random, n_spam: int, n_boilerplate: int,
-               sources: Sequence[str]) -> list["Document"]:
+               sources: Sequence[str]) -> list[Document]:
     """Spam and boilerplate-only pages, filed under random sources (a crawl does not sort its junk)."""
-    from minilife.data.world import Document
-
     out = []
     for k in range(n_spam):
         style = ("keywords", "hashtags", "ellipsis", "bullets")[k % 4]
@@ -157,7 +190,7 @@ def junk_pages(company: Company, rng: random.Random, n_spam: int, n_boilerplate:
     return out
 
 
-def exact_copies(docs: Sequence["Document"], rng: random.Random, n: int) -> list["Document"]:
+def exact_copies(docs: Sequence[Document], rng: random.Random, n: int) -> list[Document]:
     """``n`` byte-identical copies of randomly chosen docs (one source may be copied more than once)."""
     out = []
     for _ in range(n):
@@ -212,8 +245,8 @@ def edit_to_jaccard(text: str, target: float, rng: random.Random, protected: Seq
     return min(candidates, key=lambda tj: abs(tj[1] - target))
 
 
-def near_copies(docs: Sequence["Document"], rng: random.Random, n: int, jaccard_range: tuple[float, float]
-                ) -> list["Document"]:
+def near_copies(docs: Sequence[Document], rng: random.Random, n: int, jaccard_range: tuple[float, float]
+                ) -> list[Document]:
     """``n`` edited copies of distinct docs (60+ words), targets spread evenly over ``jaccard_range``."""
     pool = [d for d in docs if len(d.text.split()) >= 60]
     lo, hi = jaccard_range

@@ -23,7 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
-from minilife.data.minhash import _check_positive_int, jaccard, shingles, signatures
+from minilife.data.checks import check_positive_int
+from minilife.data.minhash import jaccard, shingles, signatures
 
 
 # --------------------------------------------------------------------------------------------
@@ -49,7 +50,7 @@ def pick_bands_rows(threshold: float, num_perm: int, fp_weight: float = 0.5,
         raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
     if fp_weight < 0 or fn_weight < 0 or fp_weight + fn_weight == 0:
         raise ValueError(f"fp_weight and fn_weight must be >= 0, not both 0; got {fp_weight}, {fn_weight}")
-    _check_positive_int(num_perm, "num_perm")
+    check_positive_int(num_perm, "num_perm")
     pairs = [(b, r) for b in range(1, num_perm + 1) for r in range(1, num_perm // b + 1)]
     bands, rows = (np.array(v, dtype=np.float64)[:, None] for v in zip(*pairs))  # (C, 1) each
     lo, hi = np.linspace(0.0, threshold, 1001), np.linspace(threshold, 1.0, 1001)  # (G,) each

@@ -39,6 +39,8 @@ from typing import Sequence
 
 import numpy as np
 
+from minilife.data.checks import check_positive_int, check_text
+
 MERSENNE_61 = (1 << 61) - 1
 WORD_BASE = 0x100000001B3  # odd (the 64-bit FNV prime)
 SHINGLE_BASE = 0x9E3779B97F4A7C15  # odd (2^64 / golden ratio)
@@ -57,24 +59,13 @@ _CHUNK_ELEMENTS = 1 << 15  # shingles x permutations per chunk: three uint64 buf
 # shingles and their stable hashes
 
 
-def _check_positive_int(value: int, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_text(text: object, where: str = "text") -> str:
-    if not isinstance(text, str):
-        raise TypeError(f"{where} must be a str, got {type(text).__name__}")
-    return text
-
-
 def shingles(text: str, n: int = 5) -> set[str]:
     """The set of word n-grams of ``text`` (lower-cased, whitespace-normalised, joined by one space).
 
     A text with fewer than ``n`` words has one shingle: all its words (``""`` for an empty text).
     """
-    _check_positive_int(n, "ngram (n)")
-    words = _check_text(text).lower().split()
+    check_positive_int(n, "ngram (n)")
+    words = check_text(text).lower().split()
     if len(words) < n:
         return {" ".join(words)}
     return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
@@ -103,7 +94,7 @@ def _word_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """
     encoded = []
     for i, t in enumerate(texts):
-        t = _check_text(t, f"texts[{i}]").lower()
+        t = check_text(t, f"texts[{i}]").lower()
         encoded.append((t if t.isascii() else _UNICODE_SPACES.sub(" ", t)).encode("utf-8"))
     buf = np.frombuffer(b" ".join(encoded), dtype=np.uint8)  # (L,)
     space = np.ones(len(buf) + 2, dtype=bool)  # (L + 2,) a space before and after everything
@@ -122,7 +113,7 @@ def _word_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
 
 def _shingle_hashes_flat(texts: Sequence[str], n: int) -> tuple[np.ndarray, np.ndarray]:
     """All shingle hashes of all texts: (S,) uint64 32-bit values, and (N,) start offsets into it."""
-    _check_positive_int(n, "ngram (n)")
+    check_positive_int(n, "ngram (n)")
     word_hash, n_words = _word_hashes(texts)  # (W,), (N,)
     word_start = np.cumsum(n_words) - n_words  # (N,) first word of each text
     n_shingles = np.maximum(n_words - n + 1, 1)  # (N,) a short text has one shingle
@@ -159,7 +150,7 @@ FAMILIES = ("mersenne61", "multiply_shift")
 def permutation_params(num_perm: int = 128, seed: int = 0,
                        family: str = "multiply_shift") -> tuple[np.ndarray, np.ndarray]:
     """Seeded (a, b), each (P,) uint64: in [1, p) x [0, p) for mersenne61, any 64-bit otherwise."""
-    _check_positive_int(num_perm, "num_perm")
+    check_positive_int(num_perm, "num_perm")
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     rng = np.random.default_rng([seed, FAMILIES.index(family)])  # the two families draw independently

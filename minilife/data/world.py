@@ -6,8 +6,9 @@ builds that wiki as minilife's offline default corpus:
 
 - ``WorldConfig``: seed, size (``target_bytes``; ~3 MB by default, ~150 kB for smoke runs) and the
   rate of every kind of planted dirt.
-- ``Document``: one wiki page (``doc_id``, ``source``, ``text``) plus its ground-truth dirt labels, so
-  every cleaning step can be scored with precision and recall.
+- ``Document`` (defined in ``dirt.py``, beside the planting that fills its labels; re-exported here):
+  one wiki page (``doc_id``, ``source``, ``text``) plus its ground-truth dirt labels, so every
+  cleaning step can be scored with precision and recall.
 - ``make_wiki(cfg)``: the company (``company.make_company``) rendered into five sources
   (``documents.py``: policy and product pages; ``correspondence.py``: support chats, e-mails,
   stories), then dirtied (``dirt.py``): exact copies, near-copies at a controlled word-5-gram
@@ -20,12 +21,12 @@ and outdated facts (the notes list them as dirt too; they need labels we cannot 
 """
 from __future__ import annotations
 
-import dataclasses
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from minilife.data import correspondence, dirt, documents
 from minilife.data.company import Company, make_company
+from minilife.data.dirt import Document
 
 SOURCES = ("policy", "product", "support", "email", "story")
 
@@ -72,38 +73,6 @@ class WorldConfig:
     def company(self) -> Company:
         """The company this world is written about (the same one later chapters build tasks from)."""
         return make_company(self.seed, self.n_people, self.n_products)
-
-
-@dataclass
-class Document:
-    """One wiki page and the truth about its dirt (every label was planted, never guessed)."""
-    doc_id: str
-    source: str  # one of SOURCES
-    text: str
-    exact_dup_of: str | None = None  # byte-identical copy of this doc_id (which appears earlier)
-    near_dup_of: str | None = None  # edited copy of this doc_id (which appears earlier)
-    near_dup_target: float | None = None  # the Jaccard the edits aimed at
-    near_dup_jaccard: float | None = None  # actual word-5-gram shingle Jaccard to near_dup_of
-    spam: bool = False  # SEO spam page
-    boilerplate: bool = False  # page that is nothing but cookie banner / navigation junk
-    junk_style: str | None = None  # e.g. "spam-keywords", "boilerplate-cookies"
-    footer_lines: tuple[str, ...] = ()  # planted repeated lines present verbatim in text
-    pii_emails: tuple[str, ...] = ()
-    pii_phones: tuple[str, ...] = ()
-    pii_ips: tuple[str, ...] = ()
-    pii_decoys: tuple[str, ...] = ()  # look-alikes a correct masker must leave alone
-    meta: dict = field(default_factory=dict)  # e.g. {"kind": "release"} for catalogue pages
-
-    @property
-    def junk(self) -> bool:
-        return self.spam or self.boilerplate
-
-    @property
-    def pii(self) -> dict[str, tuple[str, ...]]:
-        return {"email": self.pii_emails, "phone": self.pii_phones, "ip": self.pii_ips}
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def _clean_documents(cfg: WorldConfig, company: Company, rng: random.Random) -> list[Document]:

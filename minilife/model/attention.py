@@ -11,8 +11,9 @@ What it implements (Vaswani et al. 2017, "Attention Is All You Need", eq. 1):
 - Masks: "causal" (token i sees j <= i), "full" (bidirectional, for masked LM), a boolean (B, T, T)
   tensor (True = may attend), or ``prefix_lengths`` (B,) for a prefix LM (Raffel et al. 2020, T5
   sec. 3.2.1): bidirectional over the first p_b tokens, causal after, i.e. allowed = (j <= i) | (j < p_b).
-- ``KVCache``: per-layer preallocated keys/values for generation; new tokens take positions
-  cache.length, cache.length + 1, ... so RoPE angles continue where the prompt left off.
+  Any of them combines with a padding mask (B, T) (True = real token): padded keys are never attended.
+- ``KVCache``: per-layer preallocated keys/values for generation; the new queries are the last of the
+  cached + new keys (their RoPE positions are the caller's: GPT continues each row's count).
 
 What it leaves out: grouped-query / multi-query attention, sliding windows, attention biases (ALiBi),
 paged caches.
@@ -26,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minilife.model.layers import apply_rope
+from minilife.model.layers import apply_rope, check_tensor
 
 ATTN_IMPLS = ("math", "sdpa", "triton")
 
@@ -51,42 +52,47 @@ def prefix_lm_mask(prefix_lengths: torch.Tensor, t: int) -> torch.Tensor:
     return causal | in_prefix  # (B, T, T)
 
 
-def build_attention_mask(attn_mask, prefix_lengths, batch: int, t: int, device) -> MaskSpec:
-    """Check and normalise the user's mask arguments into "causal" | "full" | bool (B, 1, T, T).
+def build_attention_mask(attn_mask, prefix_lengths, batch: int, t: int, device, padding_mask=None,
+                         past: int = 0) -> MaskSpec:
+    """Check and combine the user's mask arguments into "causal" | "full" | bool (B, 1, T, past + T).
 
     attn_mask: None (= "causal") | "causal" | "full" | bool (B, T, T) or (T, T) with True = may attend.
     prefix_lengths: None or integer (B,) with 0 <= p <= T; only combines with a causal attn_mask.
     Every query row of a tensor mask must allow at least one key (otherwise softmax gives NaN).
+    padding_mask: None or bool (B, past + T), True = real token (HF's attention_mask): padded keys are
+    never attended, and a padded query attends every key (its output is don't-care; a softmax over no
+    key would be NaN). past: positions already in a KV cache, before the T queries; causal only.
     """
+    if past and (prefix_lengths is not None or attn_mask not in (None, "causal")):
+        raise ValueError("KV-cache decoding supports causal attention only")
+    if isinstance(attn_mask, str) and attn_mask not in ("causal", "full"):
+        raise ValueError(f"attn_mask must be 'causal', 'full' or a bool tensor, got {attn_mask!r}")
+    mask = "causal" if attn_mask is None else attn_mask
     if prefix_lengths is not None:
         if attn_mask not in (None, "causal"):
             raise ValueError("prefix_lengths builds its own mask; pass attn_mask=None or 'causal' with it")
         p = torch.as_tensor(prefix_lengths, device=device)
-        if p.dtype.is_floating_point or p.shape != (batch,):
-            raise ValueError(f"prefix_lengths must be an integer tensor of shape ({batch},), "
-                             f"got dtype {p.dtype} shape {tuple(p.shape)}")
+        check_tensor(p, "prefix_lengths", (batch,))
         if p.numel() and (int(p.min()) < 0 or int(p.max()) > t):
             raise ValueError(f"prefix_lengths must lie in [0, {t}] (sequence length {t}), "
                              f"got min {int(p.min())} max {int(p.max())}")
-        return prefix_lm_mask(p, t).unsqueeze(1)  # (B, 1, T, T)
-    if attn_mask is None:
-        return "causal"
-    if isinstance(attn_mask, str):
-        if attn_mask not in ("causal", "full"):
-            raise ValueError(f"attn_mask must be 'causal', 'full' or a bool tensor, got {attn_mask!r}")
-        return attn_mask
-    if not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool:
-        raise ValueError(f"attn_mask tensor must have dtype torch.bool (True = may attend), "
-                         f"got {getattr(attn_mask, 'dtype', type(attn_mask))}")
-    if attn_mask.shape == (t, t):
-        attn_mask = attn_mask.unsqueeze(0).expand(batch, t, t)  # (T, T) -> (B, T, T)
-    if attn_mask.shape != (batch, t, t):
-        raise ValueError(f"attn_mask must have shape (B, T, T) = ({batch}, {t}, {t}), got {tuple(attn_mask.shape)}")
-    empty_rows = ~attn_mask.any(dim=-1)  # (B, T)
-    if bool(empty_rows.any()):
-        b, i = (int(v) for v in empty_rows.nonzero()[0])
-        raise ValueError(f"attn_mask row (batch {b}, query {i}) allows no key; softmax over nothing is NaN")
-    return attn_mask.to(device).unsqueeze(1)  # (B, 1, T, T)
+        mask = prefix_lm_mask(p, t).unsqueeze(1)  # (B, T, T) -> (B, 1, T, T)
+    elif not isinstance(mask, str):
+        if isinstance(mask, torch.Tensor) and mask.shape == (t, t):
+            mask = mask.expand(batch, t, t)  # (T, T) -> (B, T, T)
+        check_tensor(mask, "attn_mask", (batch, t, t), "bool")
+        empty_rows = ~mask.any(dim=-1)  # (B, T)
+        if bool(empty_rows.any()):
+            b, i = (int(v) for v in empty_rows.nonzero()[0])
+            raise ValueError(f"attn_mask row (batch {b}, query {i}) allows no key; softmax over nothing is NaN")
+        mask = mask.to(device).unsqueeze(1)  # (B, T, T) -> (B, 1, T, T)
+    if padding_mask is None:
+        return mask
+    check_tensor(padding_mask, "padding_mask", (batch, past + t), "bool")
+    keep = padding_mask.to(device)  # (B, past + T)
+    if isinstance(mask, str):  # (T, past + T); "full" has past = 0
+        mask = causal_mask(t, past + t, device) | (mask == "full")
+    return (mask & keep[:, None, None, :]) | ~keep[:, None, past:, None]  # (B, 1, T, past + T)
 
 
 def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
@@ -157,8 +163,8 @@ class CausalSelfAttention(nn.Module):
     """Multi-head self-attention: fused QKV projection, RoPE on q and k, attention, output projection.
 
     ``forward(x, cos, sin, mask, cache=None)``: x (B, T, C); cos, sin (T, D/2) or (B, T, D/2) for the
-    tokens' positions; mask a ``MaskSpec`` for T queries over T keys (ignored with a cache, where the
-    queries are the last T of cache.length + T keys and see everything before them). Returns (B, T, C).
+    tokens' positions; mask a ``MaskSpec`` for T queries over the T keys (with a cache: over its L + T
+    keys, the queries being the last T; "causal" then means they see all before them). Returns (B, T, C).
     """
 
     def __init__(self, n_embd: int, n_head: int, attn_impl: str = "sdpa", dropout: float = 0.0):
@@ -179,11 +185,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            if not (isinstance(mask, str) and mask == "causal"):
-                raise ValueError("KV-cache decoding supports causal attention only")
             k, v = cache.append(k, v)  # (B, H, L + T, D)
-            # the T new queries sit at the end: a single query sees all keys, several need the offset mask
-            mask = "full" if T == 1 else causal_mask(T, k.shape[2], x.device)
+            if isinstance(mask, str) and mask == "causal" and k.shape[2] > T:  # the T queries sit at the end:
+                mask = "full" if T == 1 else causal_mask(T, k.shape[2], x.device)  # one sees all, more need offsets
             impl = "math" if self.attn_impl == "math" else "sdpa"  # triton: fallback to sdpa
         else:
             impl = self.attn_impl

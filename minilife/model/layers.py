@@ -7,12 +7,13 @@ What it implements
 - Rotary position embeddings (Su et al. 2021, "RoFormer", eq. 13-15): each adjacent pair of channels
   (0,1), (2,3), ... of a head is rotated by the angle pos * theta^(-2i/D), i = 0..D/2-1. The dot
   product of a rotated query and key then depends on their positions only through the offset
-  (m - n). ``rope_cos_sin`` takes arbitrary integer positions; ``RotaryEmbedding`` caches cos/sin for
-  positions 0..max_positions-1 and computes any other position on the fly.
+  (m - n). ``rope_cos_sin`` takes arbitrary integer positions; ``RotaryEmbedding`` is a table of
+  cos/sin for positions 0..max_positions-1, indexed by (T,) or per-row (B, T) positions.
 - ``SwiGLU`` feed-forward (Shazeer 2020, "GLU Variants Improve Transformer", eq. 6):
   FFN(x) = W2 (silu(W1 x) * W3 x), no biases (as in LLaMA).
 - ``TokenEmbedding``: a (V, C) lookup table that rejects ids outside [0, V) with a clear error
-  instead of an index error from deep inside the kernel.
+  instead of an index error from deep inside the kernel; ``check_tensor``, the shape/dtype check
+  every model module uses for its inputs.
 
 What it leaves out: learned/absolute position embeddings, RoPE scaling variants (NTK, YaRN),
 partial rotary dimensions, biases.
@@ -95,30 +96,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin cache for positions 0..max_positions-1; other positions are computed on demand.
-
-    ``forward(positions)`` with integer positions of shape (T,) or (B, T) returns cos, sin of shape
-    (T, D/2) or (B, T, D/2), ready for ``apply_rope``. The cache is a non-persistent buffer (it is
-    recomputed, not saved in checkpoints) and follows the module's ``.to(device)``.
-    """
+    """cos/sin table for positions 0..max_positions-1: ``forward(positions)`` with integer positions
+    (T,) or (B, T), each in [0, max_positions), returns cos, sin of shape (T, D/2) or (B, T, D/2), ready
+    for ``apply_rope``. The table is a non-persistent buffer (recomputed, not saved in checkpoints)
+    that follows the module's ``.to(device)``; indexing it needs no device sync."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float = 10000.0):
         super().__init__()
-        self.head_dim, self.max_positions, self.theta = head_dim, max_positions, theta
         cos, sin = rope_cos_sin(torch.arange(max_positions), head_dim, theta)  # (T_max, D/2) each
         self.register_buffer("cos_cached", cos, persistent=False)
         self.register_buffer("sin_cached", sin, persistent=False)
 
-    def span(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (length, D/2) for the contiguous positions start..start+length-1 (no device sync)."""
-        if start + length <= self.max_positions:
-            return self.cos_cached[start:start + length], self.sin_cached[start:start + length]
-        return self(torch.arange(start, start + length, device=self.cos_cached.device))
-
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= self.max_positions):
-            return rope_cos_sin(positions.to(self.cos_cached.device), self.head_dim, self.theta,
-                                self.cos_cached.dtype)
         return self.cos_cached[positions], self.sin_cached[positions]
 
 
@@ -143,6 +132,17 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+def check_tensor(x, name: str, shape: tuple, kind: str = "integer") -> None:
+    """Raise a ValueError unless ``x`` is a tensor of ``shape`` (a str entry such as "B" matches any
+    size) with "integer" or "bool" entries."""
+    is_tensor = isinstance(x, torch.Tensor)
+    if not (is_tensor and x.dim() == len(shape) and all(isinstance(s, str) or s == n for s, n in zip(shape, x.shape))
+            and (x.dtype == torch.bool) == (kind == "bool") and not x.dtype.is_floating_point):
+        got = f"{x.dtype} of shape {tuple(x.shape)}" if is_tensor else type(x).__name__
+        raise ValueError(f"{name} must be a tensor of shape ({', '.join(map(str, shape))}) with {kind} entries, "
+                         f"got {got}")
 
 
 def check_token_ids(ids: torch.Tensor, vocab_size: int, what: str = "token id",

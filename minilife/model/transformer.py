@@ -9,12 +9,18 @@ What it implements
   by 1/sqrt(2 * n_layer), since each layer adds two residual branches and their variance accumulates.
 - ``forward(idx, targets)`` -> (logits, loss). Loss: ``F.cross_entropy`` (loss_impl "torch"), the
   Triton cross-entropy kernel ("triton") or the fused linear + cross-entropy kernel ("fused", which
-  never materialises the (N, V) logits, so it returns logits=None when targets are given).
+  never materialises the (N, V) logits, so it returns logits=None when targets are given). Every
+  projection is called as a module (``self.lm_head(h)``), so a wrapper such as LoRA is honoured on
+  every path; "fused" reads lm_head.weight and so refuses anything but a plain nn.Linear head.
 - Masks for the three objectives of ``minilife.model.objectives``: causal, full, prefix LM, or any
-  boolean (B, T, T) mask (see ``minilife.model.attention``).
+  boolean (B, T, T) mask (see ``minilife.model.attention``), each combined with an optional padding
+  mask (B, T); RoPE positions per row, by default counting each row's real tokens from 0.
 - Activation (gradient) checkpointing of each block with ``torch.utils.checkpoint``
   (use_reentrant=False): activations inside a block are recomputed in the backward pass.
-- ``generate``: temperature (0 = greedy), top-k, a preallocated KV cache, a seedable generator.
+- ``generate``: a batch of prompts of different lengths (left-padded), per-row stop ids,
+  temperature (0 = greedy), top-k, a preallocated KV cache, a seedable generator -> ``Generation``.
+- Loading a state dict whose embedding tying differs from the model's raises (instead of silently
+  overwriting the embedding with the head).
 
 What it leaves out: biases, learned position tables, mixture of experts, grouped-query attention,
 weight-tying variants, beam search / nucleus sampling.
@@ -23,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -31,7 +37,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from minilife.model.attention import ATTN_IMPLS, CausalSelfAttention, KVCache, MaskSpec, build_attention_mask
-from minilife.model.layers import (RMSNorm, RotaryEmbedding, SwiGLU, TokenEmbedding, check_token_ids,
+from minilife.model.layers import (RMSNorm, RotaryEmbedding, SwiGLU, TokenEmbedding, check_tensor, check_token_ids,
                                    default_ffn_hidden)
 
 LOSS_IMPLS = ("torch", "triton", "fused")
@@ -105,6 +111,24 @@ PRESETS = {
 }
 
 
+class Generation(NamedTuple):
+    """What ``GPT.generate`` returns; every field is (B, T0 + N) for T0 prompt columns and N steps.
+
+    tokens: long, the (padded) prompts then the generated ids (pad_id once a row has stopped).
+    completion_mask: bool, True exactly at the generated tokens that count (a row's stop id included,
+    what follows it excluded). prompt_mask: bool, True at the real prompt tokens. ``padding_mask``
+    (their union) is what to pass back to the model to score the sequences.
+    """
+
+    tokens: torch.Tensor
+    completion_mask: torch.Tensor
+    prompt_mask: torch.Tensor
+
+    @property
+    def padding_mask(self) -> torch.Tensor:
+        return self.prompt_mask | self.completion_mask
+
+
 class Block(nn.Module):
     """One pre-norm transformer layer. x: (B, T, C) -> (B, T, C)."""
 
@@ -135,6 +159,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight  # one (V, C) matrix for reading and writing tokens
+        self.register_load_state_dict_pre_hook(GPT._check_tying)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -148,28 +173,45 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, mean=0.0, std=0.02)
 
-    # ----------------------------------------------------------------------------------------
-    def _check_idx(self, idx: torch.Tensor, name: str = "idx") -> None:
-        if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
-            raise ValueError(f"{name} must be a (B, T) tensor of token ids, got "
-                             f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__}")
-        if idx.shape[1] > self.cfg.context_length:
-            raise ValueError(f"{name} has length T={idx.shape[1]} but the model's context_length is "
-                             f"{self.cfg.context_length}; crop the input to at most {self.cfg.context_length} tokens")
+    def _check_tying(self, state_dict, prefix, *_) -> None:
+        """load_state_dict pre-hook: refuse weights whose embedding/head tying differs from the model's
+        (an untied head loaded into a tied model would silently overwrite the embedding)."""
+        emb, head = state_dict.get(prefix + "tok_emb.weight"), state_dict.get(prefix + "lm_head.weight")
+        if emb is not None and head is not None:
+            tied = emb.shape == head.shape and torch.equal(emb, head)
+            if tied != self.cfg.tie_embeddings:
+                raise RuntimeError(f"the state dict's embeddings are {'tied' if tied else 'untied'} (tok_emb.weight "
+                                   f"{'==' if tied else '!='} lm_head.weight) but this model has tie_embeddings="
+                                   f"{self.cfg.tie_embeddings}; build it with ModelConfig(tie_embeddings={tied})")
 
-    def hidden(self, idx: torch.Tensor, *, attn_mask=None, prefix_lengths: torch.Tensor | None = None,
+    # ----------------------------------------------------------------------------------------
+    def hidden(self, idx: torch.Tensor, *, padding_mask: torch.Tensor | None = None,
+               positions: torch.Tensor | None = None, attn_mask=None, prefix_lengths: torch.Tensor | None = None,
                caches: list[KVCache] | None = None) -> torch.Tensor:
         """Final-normed hidden states. idx: (B, T) long -> (B, T, C).
 
-        With ``caches`` (one KVCache per layer) the T tokens continue after the cached positions.
+        padding_mask: bool (B, T), True = real token (HF's attention_mask); with ``caches`` holding L
+        positions it is (B, L + T), covering those too. Padded keys are never attended; outputs at
+        padded positions are don't-care. positions: long (B, T) RoPE positions in [0, context_length);
+        by default each row counts its real tokens (cumsum - 1), so its first real token is at 0
+        whatever the padding side. With ``caches`` (one KVCache per layer) the T tokens follow the L.
         """
-        self._check_idx(idx)
-        B, T = idx.shape
-        start = caches[0].length if caches else 0
-        if start + T > self.cfg.context_length:
-            raise ValueError(f"cached {start} + new {T} tokens exceed context_length {self.cfg.context_length}")
-        mask = build_attention_mask(attn_mask, prefix_lengths, B, T, idx.device)
-        cos, sin = self.rope.span(start, T)  # (T, D/2) each
+        check_tensor(idx, "idx", ("B", "T"))
+        (B, T), T_max = idx.shape, self.cfg.context_length
+        L = caches[0].length if caches else 0
+        if L + T > T_max:
+            raise ValueError(f"idx has T={T} tokens (+ {L} cached) but the model's context_length is {T_max}; "
+                             f"crop the input to at most {T_max} tokens")
+        mask = build_attention_mask(attn_mask, prefix_lengths, B, T, idx.device, padding_mask, past=L)
+        if positions is None and padding_mask is None:
+            positions = torch.arange(L, L + T, device=idx.device)  # (T,)
+        elif positions is None:
+            positions = (padding_mask.long().cumsum(1)[:, L:] - 1).clamp(min=0).to(idx.device)  # (B, T)
+        else:
+            check_tensor(positions, "positions", (B, T))
+            if bool(((positions < 0) | (positions >= T_max)).any()):
+                raise ValueError(f"positions must lie in [0, context_length={T_max})")
+        cos, sin = self.rope(positions)  # (T, D/2) or (B, T, D/2) each
         x = self.drop(self.tok_emb(idx))  # (B, T, C)
         use_ckpt = self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled() and not caches
         for i, block in enumerate(self.blocks):
@@ -180,9 +222,11 @@ class GPT(nn.Module):
                 x = block(x, cos, sin, mask, cache)
         return self.norm_f(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, attn_mask=None,
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                padding_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None, attn_mask=None,
                 prefix_lengths: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean"):
-        """idx: (B, T) long; targets: (B, T) long or None (entries equal to ignore_index are skipped).
+        """idx: (B, T) long; targets: (B, T) long or None (entries equal to ignore_index are skipped;
+        padded positions are not skipped by themselves). Masks and positions as in ``hidden``.
 
         Returns (logits (B, T, V) or None, loss or None). loss is a scalar for reduction "mean"/"sum"
         and (B, T) for "none" (0 at ignored positions). logits is None only for loss_impl="fused"
@@ -190,13 +234,15 @@ class GPT(nn.Module):
         """
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if targets is not None and (not isinstance(targets, torch.Tensor) or targets.shape != idx.shape):
-            raise ValueError(f"targets must have the same shape as idx {tuple(idx.shape)}, got "
-                             f"{tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__}")
-        if targets is not None and self.cfg.loss_impl == "torch":  # the kernels check their own targets;
-            # F.cross_entropy would give a terse IndexError (or a CUDA device-side assert)
-            check_token_ids(targets, self.cfg.vocab_size, "target", ignore_index=ignore_index)
-        h = self.hidden(idx, attn_mask=attn_mask, prefix_lengths=prefix_lengths)  # (B, T, C)
+        if targets is not None:
+            check_tensor(targets, "targets", tuple(idx.shape))
+            if self.cfg.loss_impl == "torch":  # the kernels check their own targets; F.cross_entropy
+                check_token_ids(targets, self.cfg.vocab_size, "target", ignore_index)  # would give an IndexError
+            if self.cfg.loss_impl == "fused" and type(self.lm_head) is not nn.Linear:
+                raise ValueError(f"loss_impl='fused' reads lm_head.weight directly and would skip the "
+                                 f"{type(self.lm_head).__name__} around lm_head; use loss_impl='torch'")
+        h = self.hidden(idx, padding_mask=padding_mask, positions=positions, attn_mask=attn_mask,
+                        prefix_lengths=prefix_lengths)  # (B, T, C)
         B, T, C = h.shape
         if targets is None:
             return self.lm_head(h), None
@@ -222,53 +268,69 @@ class GPT(nn.Module):
 
     # ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, use_cache: bool = True,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample ``max_new_tokens`` continuations. idx: (B, T0) long -> (B, T0 + max_new_tokens).
+    def generate(self, prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 use_cache: bool = True, generator: torch.Generator | None = None, *,
+                 padding_mask: torch.Tensor | None = None, eos_id: int | Sequence[int] | None = None,
+                 pad_id: int = 0) -> Generation:
+        """Sample up to ``max_new_tokens`` tokens after each prompt.
 
-        temperature 0 = greedy (argmax); top_k keeps the k most likely tokens before sampling;
-        ``generator`` (on any device) makes sampling reproducible. Runs in eval mode (dropout off),
-        restoring the mode after. Without a cache the input is cropped to the last context_length tokens each step
-        (a sliding window); with a cache, once the window is full, decoding continues the same way
-        without the cache, so both paths give the same tokens.
+        prompts: a list of token-id lists (left-padded here with ``pad_id``) or a (B, T0) long tensor
+        with an optional bool ``padding_mask`` (B, T0) (True = real token; the last column real). A row
+        stops after emitting a stop id (``eos_id``: an int or a list); it then emits pad_id, masked out,
+        and decoding ends once every row has stopped. temperature 0 = greedy (argmax); top_k keeps the k
+        most likely tokens before sampling; ``generator`` (on any device) makes sampling reproducible.
+        Runs in eval mode (dropout off), restoring the mode after. Without a cache the input is cropped
+        to the last context_length tokens each step (a sliding window); with a cache, once the window is
+        full, decoding continues the same way without it, so both paths give the same tokens.
+        Returns a ``Generation`` of (B, T0 + N) tensors, N <= max_new_tokens.
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        if top_k is not None and top_k <= 0:
-            raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
-        if idx.dim() != 2 or idx.shape[1] == 0:
-            raise ValueError(f"idx must be a non-empty (B, T0) tensor of token ids, got shape {tuple(idx.shape)}")
+        if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k <= 0):
+            raise ValueError(f"need max_new_tokens >= 0, temperature >= 0 (0 = greedy) and top_k None or > 0, "
+                             f"got {max_new_tokens}, {temperature}, {top_k}")
+        device = next(self.parameters()).device
+        if isinstance(prompts, torch.Tensor):
+            idx = prompts.to(device)
+            keep = torch.ones_like(idx, dtype=torch.bool) if padding_mask is None else padding_mask.to(device)
+        else:  # left-pad: every row's last prompt token sits in the last column
+            if padding_mask is not None:
+                raise ValueError("padding_mask goes with a (B, T0) tensor of prompts; lists are padded here")
+            T0 = max(map(len, prompts), default=0)
+            idx = torch.tensor([[pad_id] * (T0 - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
+            keep = torch.tensor([[False] * (T0 - len(p)) + [True] * len(p) for p in prompts], device=device)
+        check_tensor(idx, "prompts", ("B", "T0"))
+        check_tensor(keep, "padding_mask", tuple(idx.shape), "bool")
+        if not (idx.shape[1] and bool(keep[:, -1].all())):  # the last column's logits give the first new token
+            raise ValueError("generate needs non-empty, left-padded prompts: each row's last token must be real")
         was_training = self.training
         self.eval()
         try:
-            return self._decode(idx, max_new_tokens, temperature, top_k, use_cache, generator)
+            return self._decode(idx, keep, max_new_tokens, temperature, top_k, use_cache, generator, eos_id, pad_id)
         finally:
             self.train(was_training)
 
-    def _decode(self, idx, max_new_tokens, temperature, top_k, use_cache, generator) -> torch.Tensor:
-        """The decoding loop of ``generate``. idx: (B, T0) -> (B, T0 + max_new_tokens)."""
-        T_max = self.cfg.context_length
-        caches = None
-        if use_cache and idx.shape[1] < T_max:
-            p = self.lm_head.weight
-            caches = [KVCache(idx.shape[0], self.cfg.n_head, T_max, self.cfg.head_dim, p.device, p.dtype)
-                      for _ in self.blocks]
-        out, pending = idx, idx  # pending: tokens not yet fed to the cache
+    def _decode(self, tokens, keep, max_new_tokens, temperature, top_k, use_cache, generator, eos_id, pad_id):
+        """The decoding loop of ``generate``. tokens, keep: (B, T0) -> Generation of (B, T0 + N)."""
+        (B, T0), T_max, p = tokens.shape, self.cfg.context_length, next(self.parameters())
+        caches = ([KVCache(B, self.cfg.n_head, T_max, self.cfg.head_dim, p.device, p.dtype) for _ in self.blocks]
+                  if use_cache and T0 < T_max else None)
+        stop_ids = torch.tensor([] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id),
+                                dtype=torch.long, device=p.device)
+        done = torch.zeros(B, 1, dtype=torch.bool, device=p.device)  # (B, 1): row has emitted a stop id
         for _ in range(max_new_tokens):
-            if caches is not None and caches[0].length + pending.shape[1] <= T_max:
-                h = self.hidden(pending, caches=caches)  # (B, T_pending, C)
+            if caches is not None and tokens.shape[1] <= T_max:
+                h = self.hidden(tokens[:, caches[0].length:], padding_mask=keep, caches=caches)  # (B, T_new, C)
             else:
                 caches = None
-                h = self.hidden(out[:, -T_max:])  # (B, min(T, T_max), C)
+                h = self.hidden(tokens[:, -T_max:], padding_mask=keep[:, -T_max:])  # (B, min(T, T_max), C)
             logits = self.lm_head(h[:, -1, :])  # (B, V)
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            next_id = self._sample(logits, temperature, top_k, generator)  # (B, 1)
-            out = torch.cat((out, next_id), dim=1)
-            pending = next_id
-        return out
+            next_id = self._sample(logits.to(torch.promote_types(logits.dtype, torch.float32)), temperature, top_k,
+                                   generator).masked_fill(done, pad_id)  # (B, 1)
+            tokens, keep = torch.cat((tokens, next_id), dim=1), torch.cat((keep, ~done), dim=1)
+            done = done | torch.isin(next_id, stop_ids)
+            if eos_id is not None and bool(done.all()):
+                break
+        generated = torch.arange(tokens.shape[1], device=p.device) >= T0  # (T0 + N,)
+        return Generation(tokens, keep & generated, keep & ~generated)
 
     @staticmethod
     def _sample(logits: torch.Tensor, temperature: float, top_k: int | None,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from minilife.chapters import ch5_accumulation as A
-from minilife.chapters.loop import BatchSource
+from minilife.train import BatchSource
 from minilife.model.transformer import GPT, ModelConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from minilife.chapters import ch5_checkpointing as C
-from minilife.chapters.loop import BatchSource
+from minilife.train import BatchSource
 from minilife.measure import LiveTensorBytes
 from minilife.model.transformer import GPT, ModelConfig
 

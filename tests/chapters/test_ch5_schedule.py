@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minilife.chapters import ch5_schedule as S
-from minilife.chapters.loop import BatchSource
+from minilife.train import BatchSource
 from minilife.model.transformer import GPT, ModelConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")

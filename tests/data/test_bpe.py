@@ -1,19 +1,22 @@
-"""Byte-level BPE: training against a hand-worked answer and a naive reference trainer, encoding
-against tiktoken (on our own ranks and on GPT-2's), special tokens, save/load and bad input.
+"""Byte-level BPE: both trainers (incremental and naive) against hand-worked answers, the incremental one
+against the naive one, encoding against tiktoken (on our own ranks and on GPT-2's), special tokens,
+save/load and bad input.
 
 All comparisons are exact (token ids are integers; there is no tolerance to choose)."""
 import functools
 import json
+import os
+import shutil
 import warnings
-from collections import Counter
+from pathlib import Path
 
 import pytest
 import regex
 import tiktoken
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from minilife.data.bpe import (EOT, Tokenizer, TokenizerFileError, read_text_file, train_bpe)
-from minilife.data.bpe_train import GPT2_PATTERN
+from minilife.data.bpe import EOT, GPT2_PATTERN, Tokenizer, TokenizerFileError
+from minilife.data.bpe_train import read_text_file, train_bpe
 
 # ------------------------------------------------------------------ a small fixed training text
 _TEXT = ("The quick brown fox jumps over the lazy dog. Isn't it? We'll see: 1234 + 5678 = 6912!\n"
@@ -24,37 +27,7 @@ _TEXT = ("The quick brown fox jumps over the lazy dog. Isn't it? We'll see: 1234
 @functools.lru_cache(maxsize=None)
 def small_tokenizer() -> Tokenizer:
     """Trained once per session: 256 bytes + 140 merges + 2 specials."""
-    return train_bpe(_TEXT, 398, special_tokens=(EOT, "<|pad|>"))
-
-
-def naive_reference_bpe(docs, n_merges):
-    """The textbook algorithm, written independently of minilife: keep *every* pre-token occurrence
-    (no frequency table), recount all pairs from scratch each step, merge the max by
-    (count, (bytes_a, bytes_b)), rewrite every word. Returns the list of merged tokens (bytes)."""
-    words = []
-    for doc in docs:
-        for piece in regex.findall(GPT2_PATTERN, doc):
-            words.append([bytes([b]) for b in piece.encode("utf-8")])
-    learned = []
-    for _ in range(n_merges):
-        counts = Counter()
-        for w in words:
-            counts.update(zip(w, w[1:]))
-        if not counts:
-            break
-        (a, b), _ = max(counts.items(), key=lambda kv: (kv[1], kv[0]))
-        learned.append(a + b)
-        new_words = []
-        for w in words:
-            out = []
-            for t in w:  # left to right; a merged a+b never equals a, so "aaa" -> [aa, a]
-                if out and out[-1] == a and t == b:
-                    out[-1] = a + b
-                else:
-                    out.append(t)
-            new_words.append(out)
-        words = new_words
-    return learned
+    return train_bpe(398, text=_TEXT, special_tokens=(EOT, "<|pad|>"))
 
 
 def learned_tokens(tok: Tokenizer) -> list[bytes]:
@@ -62,7 +35,8 @@ def learned_tokens(tok: Tokenizer) -> list[bytes]:
 
 
 # ------------------------------------------------------------------ training: known answers
-def test_known_answer_worked_by_hand():
+@pytest.mark.parametrize("naive", [False, True])
+def test_known_answer_worked_by_hand(naive):
     # Documents (each is one pre-token, no spaces): hug x10, pug x5, pun x12, bun x4, hugs x5.
     # Pair counts:  (h,u)=10+5=15  (u,g)=10+5+5=20  (p,u)=5+12=17  (u,n)=12+4=16  (b,u)=4  (g,s)=5
     # merge 1: (u,g)=20            -> "ug".  words: h ug | p ug | p u n | b u n | h ug s
@@ -76,7 +50,7 @@ def test_known_answer_worked_by_hand():
     # merge 6: (hug,s)=5           -> "hugs"
     # merge 7: (b,un)=4            -> "bun"; then no pair is left.
     docs = ["hug"] * 10 + ["pug"] * 5 + ["pun"] * 12 + ["bun"] * 4 + ["hugs"] * 5
-    tok = train_bpe(docs, 256 + 7 + 1)
+    tok = train_bpe(256 + 7 + 1, text=docs, naive=naive)
     assert learned_tokens(tok) == [b"ug", b"un", b"hug", b"pun", b"pug", b"hugs", b"bun"]
     assert tok.special_tokens == {EOT: 263} and tok.eot_id == 263 and tok.vocab_size == 264
     # encoding with these ranks: "pugs" -> p,u,g,s -> (u,g) has the lowest rank -> p,ug,s -> pug,s
@@ -84,39 +58,49 @@ def test_known_answer_worked_by_hand():
     assert tok.encode("hub") == [ord("h"), ord("u"), ord("b")]  # no pair of "hub" was learned
 
 
-def test_ties_compare_pairs_as_tuples_not_concatenations():
+@pytest.mark.parametrize("naive", [False, True])
+def test_ties_compare_pairs_as_tuples_not_concatenations(naive):
     # ["ug","un"]: (u,g)=1, (u,n)=1 -> equal first bytes, b"n" > b"g" -> "un" first.
-    assert learned_tokens(train_bpe(["ug", "un"], 257 + 1))[0] == b"un"
+    assert learned_tokens(train_bpe(257 + 1, text=["ug", "un"], naive=naive))[0] == b"un"
     # ab x5, abx x2, ay x2: merge 1 is (a,b)=7. Then (ab,x)=2 ties (a,y)=2. As tuples,
     # (b"ab", b"x") > (b"a", b"y") since b"ab" > b"a"; comparing the concatenations instead would
     # pick b"ay" > b"abx".
-    tok = train_bpe(["ab"] * 5 + ["abx"] * 2 + ["ay"] * 2, 256 + 2 + 1)
+    tok = train_bpe(256 + 2 + 1, text=["ab"] * 5 + ["abx"] * 2 + ["ay"] * 2, naive=naive)
     assert learned_tokens(tok) == [b"ab", b"abx"]
+
+
+@pytest.mark.parametrize("naive", [False, True])
+def test_overlapping_pairs_count_every_position_but_merge_left_to_right(naive):
+    # aaaa x3, aab x2: (a,a) = 3 positions x 3 + 1 x 2 = 11, (a,b) = 2 -> "aa";
+    # aaaa -> [aa, aa] (not [a, aa, a]), aab -> [aa, b]: (aa,aa) = 3, (aa,b) = 2 -> "aaaa", then "aab"
+    tok = train_bpe(256 + 3 + 1, text=["aaaa"] * 3 + ["aab"] * 2, naive=naive)
+    assert learned_tokens(tok) == [b"aa", b"aaaa", b"aab"]
 
 
 @given(st.lists(st.text(alphabet="ab c\n'", max_size=12), min_size=1, max_size=12),
        st.integers(1, 25))
-def test_training_matches_naive_reference(docs, n_merges):
+def test_incremental_trainer_matches_naive_trainer(docs, n_merges):
     """Incremental counts + lazy heap give exactly the merges of the recount-everything algorithm."""
-    expected = naive_reference_bpe(docs, n_merges)
     if not any(docs):
-        with pytest.raises(ValueError, match="empty"):
-            train_bpe(docs, 256 + n_merges + 1)
+        for naive in (False, True):
+            with pytest.raises(ValueError, match="empty"):
+                train_bpe(256 + n_merges + 1, text=docs, naive=naive)
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # corpora that run out of pairs warn; checked elsewhere
-        tok = train_bpe(docs, 256 + n_merges + 1)
-    assert learned_tokens(tok) == expected
+        fast, naive = (train_bpe(256 + n_merges + 1, text=docs, naive=n) for n in (False, True))
+    assert fast.mergeable_ranks == naive.mergeable_ranks
 
 
-def test_training_matches_naive_reference_on_real_text(shared_data):
+def test_incremental_trainer_matches_naive_trainer_on_real_text(shared_data):
     text = (shared_data / "corpus.en").read_text(encoding="utf-8")[:20_000]
-    assert learned_tokens(train_bpe(text, 256 + 60 + 1)) == naive_reference_bpe([text], 60)
+    fast, naive = (train_bpe(256 + 60 + 1, text=text, naive=n) for n in (False, True))
+    assert learned_tokens(fast) == learned_tokens(naive) and len(learned_tokens(fast)) == 60
 
 
 def test_never_merges_across_pretokens_or_special_tokens():
     text = ("ab cd " * 50 + "x<|endoftext|>y" * 30 + "??!! ") * 3
-    tok = train_bpe(text, 256 + 8 + 1)  # the text has enough pairs for 8 merges (no warning)
+    tok = train_bpe(256 + 8 + 1, text=text)  # the text has enough pairs for 8 merges (no warning)
     pieces = set()
     for chunk in text.split(EOT):
         pieces.update(p.encode() for p in regex.findall(GPT2_PATTERN, chunk))
@@ -129,12 +113,12 @@ def test_never_merges_across_pretokens_or_special_tokens():
 
 def test_stops_early_with_warning_when_pairs_run_out():
     with pytest.warns(UserWarning, match="ran out of pairs after 1 merges"):
-        tok = train_bpe(["ab", "ab"], 300)
+        tok = train_bpe(300, text=["ab", "ab"])
     assert learned_tokens(tok) == [b"ab"] and tok.vocab_size == 258
 
 
 def test_progress_bar(capsys):
-    train_bpe(_TEXT, 300, progress=True)
+    train_bpe(300, text=_TEXT, progress=True)
     assert "BPE merges" in capsys.readouterr().err
 
 
@@ -240,16 +224,26 @@ def _gpt2_pair(cache_dir: str):
     return Tokenizer.gpt2(), tiktoken.get_encoding("gpt2")
 
 
+@pytest.fixture(scope="session")
+def gpt2_cache(shared_data, tmp_path_factory):
+    """A private copy of GPT-2's tiktoken cache: tiktoken may write to its cache directory, tests only to tmp."""
+    source = shared_data / "tiktoken_gpt2_cache"
+    if not source.is_dir():
+        pytest.skip(f"{source} absent")
+    cache = tmp_path_factory.mktemp("tiktoken_cache")
+    for f in source.iterdir():
+        shutil.copyfile(f, cache / f.name)  # the contents only, not the read-only mode
+    return cache
+
+
 @pytest.fixture
-def gpt2(shared_data, monkeypatch):
-    cache = shared_data / "tiktoken_gpt2_cache"
-    if not cache.is_dir():
-        pytest.skip(f"{cache} absent")
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
-    return _gpt2_pair(str(cache))
+def gpt2(gpt2_cache, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(gpt2_cache))
+    return _gpt2_pair(str(gpt2_cache))
 
 
-def test_gpt2_ranks_equal_tiktoken_on_real_text(gpt2, shared_data):
+def test_gpt2_ranks_equal_tiktoken_on_real_text(gpt2, shared_data, tmp_path_factory):
+    assert tmp_path_factory.getbasetemp() in Path(os.environ["TIKTOKEN_CACHE_DIR"]).parents  # not ../shared
     ours, ref = gpt2
     assert ours.vocab_size == ref.n_vocab == 50257 and ours.eot_id == ref.eot_token == 50256
     for name, n_chars in (("corpus.en", 60_000), ("tinyshakespeare.txt", 60_000)):
@@ -307,26 +301,46 @@ def test_load_rejects_bad_files_naming_them(tmp_path, content, message):
 # ------------------------------------------------------------------ bad training input
 def test_bad_training_input():
     with pytest.raises(ValueError, match="empty"):
-        train_bpe("", 300)
+        train_bpe(300, text="")
     with pytest.raises(ValueError, match="empty"):
-        train_bpe([EOT, ""], 300)
+        train_bpe(300, text=[EOT, ""])
     with pytest.raises(ValueError, match=r"vocab_size=256 is too small.*257"):
-        train_bpe("hello", 256)
+        train_bpe(256, text="hello")
     with pytest.raises(ValueError, match="listed twice"):
-        train_bpe("hello", 300, special_tokens=(EOT, "<|pad|>", EOT))
+        train_bpe(300, text="hello", special_tokens=(EOT, "<|pad|>", EOT))
     with pytest.raises(TypeError, match="vocab_size=300.0 must be an int"):
-        train_bpe("hello", 300.0)
+        train_bpe(300.0, text="hello")
     with pytest.raises(ValueError, match="not a valid regex"):
-        train_bpe("hello", 300, pattern="(unclosed")
+        train_bpe(300, text="hello", pattern="(unclosed")
     with pytest.raises(TypeError, match="document 1 is bytes"):
-        train_bpe(["ok", b"bytes"], 300)
+        train_bpe(300, text=["ok", b"bytes"])
+    with pytest.raises(TypeError, match="text is a bytes"):
+        train_bpe(300, text=b"hello")
+
+
+def test_a_path_is_never_trained_on_as_text(tmp_path):
+    """Regression: train_bpe("corpus.txt", ...) trained on the 10 characters of the name, with only a warning."""
+    path = tmp_path / "corpus.txt"
+    path.write_text(_TEXT, encoding="utf-8")
+    from_text = train_bpe(300, text=_TEXT).mergeable_ranks
+    assert train_bpe(300, files=str(path)).mergeable_ranks == from_text  # a str path is read, not trained on
+    assert train_bpe(300, files=[path]).mergeable_ranks == from_text
+    two = train_bpe(300, text=[_TEXT, _TEXT]).mergeable_ranks  # each file is one document
+    assert train_bpe(300, files=[path, str(path)]).mergeable_ranks == two
+    with pytest.raises(TypeError):
+        train_bpe(str(path), 300)  # the old positional form: refused, not trained on "corpus.txt"
+    with pytest.raises(TypeError, match="files="):
+        train_bpe(300, text=path)
+    for kwargs in ({}, {"text": _TEXT, "files": path}):
+        with pytest.raises(TypeError, match="exactly one"):
+            train_bpe(300, **kwargs)
 
 
 def test_invalid_utf8_file_names_file_and_offset(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_bytes(b"good line\nbad \xff byte\n\xef\xbf\xbd kept")  # EF BF BD is a real U+FFFD
     with pytest.raises(ValueError, match=r"corpus\.txt: invalid UTF-8 at byte offset 14 \(line 2\)"):
-        train_bpe(path, 300)
+        train_bpe(300, files=path)
     with pytest.warns(UserWarning, match="replaced 1 invalid UTF-8"):
         text = read_text_file(path, errors="replace")
     assert text == "good line\nbad \ufffd byte\n\ufffd kept"

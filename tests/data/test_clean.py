@@ -1,5 +1,6 @@
 """Cleaning: normalisation, exact dedup, the Gopher rules case by case, PII masking, and P/R on the world."""
 import ipaddress
+import re
 import unicodedata
 from collections import Counter
 
@@ -33,10 +34,11 @@ def test_normalise_cases():
 
 
 @pytest.mark.parametrize("fn", [clean.normalise, clean.gopher_stats, clean.gopher_check, clean.find_pii,
-                                clean.mask_pii])
+                                clean.mask_pii, clean.mask_emails, clean.mask_ips, clean.mask_phones])
 def test_non_text_input_names_the_function(fn):
     # bytes/None must not surface as a str/bytes mix-up or an AttributeError from deep inside
-    with pytest.raises(TypeError, match=r"(normalise|gopher_stats|find_pii|mask_pii): text must be a str, got bytes"):
+    name = "gopher_stats" if fn is clean.gopher_check else fn.__name__
+    with pytest.raises(TypeError, match=rf"{name}: text must be a str, got bytes"):
         fn(b"some bytes")
 
 
@@ -71,7 +73,33 @@ def test_repeated_lines():
     assert clean.repeated_lines(texts, min_docs=6) == Counter()
     assert clean.repeated_lines(texts, min_docs=2, min_frac=0.6) == Counter()  # 0.6 * 10 docs = 6 > 5
     text, cut = clean.remove_lines(texts[0], found)
-    assert text == "Body number 0 says something." and cut == [footer]
+    assert text == "Body number 0 says something.\n" and cut == [footer]
+
+
+def test_remove_lines_touches_nothing_else():
+    """Regression: the final newline was dropped, and blank-line runs collapsed even with nothing removed."""
+    assert clean.remove_lines("- home\n- back\n<page>\n", {"- home"}) == ("- back\n<page>\n", ["- home"])
+    assert clean.remove_lines("a\n\n\n\nb  \n ", set()) == ("a\n\n\n\nb  \n ", [])
+    assert clean.remove_lines("x\n  footer \ny", {"footer"}) == ("x\ny", ["  footer "])
+
+
+@given(st.text())
+def test_removing_nothing_is_the_identity(text):
+    assert clean.remove_lines(text, set()) == (text, [])
+    assert clean.remove_lines(text, {"\x00 never a stripped line \x00"}) == (text, [])
+
+
+_LINE = st.text(alphabet="ab \t\r<>", max_size=4)  # small alphabet: lines repeat and match often
+
+
+@given(st.lists(_LINE, max_size=8), _LINE, st.sets(_LINE.map(str.strip), max_size=3))
+def test_removing_lines_deletes_exactly_those_lines_and_their_newlines(lines, last, remove):
+    # the text is built from its lines, so the answer is known without splitting: each of ``lines`` ends
+    # with "\n"; ``last`` (possibly "") has none
+    text = "".join(line + "\n" for line in lines) + last
+    hit = [line for line in lines + ([last] if last else []) if line.strip() in remove]
+    want = "".join(line + "\n" for line in lines if line.strip() not in remove) + ("" if last in hit else last)
+    assert clean.remove_lines(text, remove) == (want, hit)
 
 
 # ------------------------------------------------------------------------------------------ Gopher
@@ -157,11 +185,15 @@ def test_dotted_quads_match_the_ipaddress_module(parts):
     assert clean.find_pii(f"from {text} today")["ip"] == want
 
 
-@given(st.integers(200, 999), st.integers(200, 999), st.integers(0, 9999), st.sampled_from(["-", ".", " "]))
-def test_north_american_numbers_are_found(area, exchange, line, sep):
-    number = f"{area}{sep}{exchange}{sep}{line:04d}"
+NA_FORMS = ("{a}-{e}-{n}", "{a}.{e}.{n}", "{a} {e} {n}", "({a}) {e}-{n}", "({a}) {e} {n}", "({a})-{e}-{n}",
+            "({a}){e}-{n}", "{a}{e}{n}", "+1 {a} {e} {n}", "+1 ({a}) {e}-{n}")
+
+
+@given(st.integers(200, 999), st.integers(0, 999), st.integers(0, 9999), st.sampled_from(NA_FORMS))
+def test_north_american_numbers_are_found(area, exchange, line, form):
+    number = form.format(a=area, e=f"{exchange:03d}", n=f"{line:04d}")
     assert clean.find_pii(f"call {number} today")["phone"] == [number]
-    assert clean.find_pii(f"call ({area}) {exchange}-{line:04d}.")["phone"] == [f"({area}) {exchange}-{line:04d}"]
+    assert clean.find_pii(f"Phone: {number}.")["phone"] == [number]
 
 
 @pytest.mark.parametrize("text,want", [
@@ -170,10 +202,54 @@ def test_north_american_numbers_are_found(area, exchange, line, sep):
     ("dots 202.555.0147 and spaces 202 555 0147", ["202.555.0147", "202 555 0147"]),
     ("UK 020 7946 0321 and 0113 496 0123", ["020 7946 0321", "0113 496 0123"]),
     ("+1 202 555 0147 and +1 (312) 555-0199", ["+1 202 555 0147", "+1 (312) 555-0199"]),
+    ("(283) 182 3829, (283)-182-3829 and 2831823829", ["(283) 182 3829", "(283)-182-3829", "2831823829"]),
     ("date 2024-03-14, order 4471-2231, price 1,299.00, 202-555.0147, 12025550147", []),
+    ("at 1712345678 (Unix time), parcel 123456789012, 28318238290, 283182382, v 2.8.3.1.8", []),
 ])
 def test_phones(text, want):
     assert clean.find_pii(text)["phone"] == want
+
+
+_EMAILS = ("maya.okafor@larkspur.example", "jo+wiki@a-b.example.org", "sam.1987@mailbox.example")
+_PHONES = st.builds(lambda f, a, e, n: f.format(a=a, e=f"{e:03d}", n=f"{n:04d}"), st.sampled_from(NA_FORMS),
+                    st.integers(200, 999), st.integers(0, 999), st.integers(0, 9999)) | st.sampled_from(
+    ("+44 20 7946 0123", "020 7946 0321", "0113 496 0123"))
+_LOOKALIKES = st.sampled_from(("999.1.1.1", "1.2.3.4.5", "2024-03-14", "4471-2231", "v2", "the", "1,299.00")) | \
+    st.integers(1_000_000_000, 1_999_999_999).map(str) | st.integers(10**10, 10**12 - 1).map(str)
+_PIECES = st.lists(st.tuples(st.sampled_from(_EMAILS), st.just("email")) | st.tuples(_PHONES, st.just("phone"))
+                   | st.tuples(st.ip_addresses(v=4).map(str), st.just("ip")) | st.tuples(_LOOKALIKES, st.none()),
+                   max_size=8)
+
+
+@given(_PIECES)
+def test_masking_by_kind_matches_masking_the_pieces(pieces):
+    # the text is built from labelled pieces, so each masker's answer is known piece by piece
+    text = ", ".join(p for p, _ in pieces)
+    masked_all = ", ".join(clean.MASKS[k] if k else p for p, k in pieces)
+    for kind, mask in (("email", clean.mask_emails), ("ip", clean.mask_ips), ("phone", clean.mask_phones)):
+        want = ", ".join(clean.MASKS[k] if k == kind else p for p, k in pieces)
+        assert mask(text) == (want, sum(k == kind for _, k in pieces))
+    counts = {kind: sum(k == kind for _, k in pieces) for kind in ("email", "ip", "phone")}
+    assert clean.mask_pii(text) == (masked_all, counts)
+    assert clean.find_pii(text) == {kind: [p for p, k in pieces if k == kind] for kind in ("email", "ip", "phone")}
+
+
+def test_mask_pii_masks_addresses_before_phones():
+    assert clean.mask_phones("mail 2025550147@mail.example") == ("mail <PHONE>@mail.example", 1)  # alone
+    assert clean.mask_pii("mail 2025550147@mail.example") == ("mail <EMAIL>", {"email": 1, "ip": 0, "phone": 0})
+
+
+def test_every_planted_phone_form_is_found_and_every_planted_lookalike_survives():
+    """The world's own PII and look-alikes, every form of each (rates raised so that all forms occur)."""
+    docs = make_wiki(WorldConfig.smoke(seed=3, pii_rate=0.6, decoy_rate=0.6))
+    shape = lambda s: re.sub(r"\d", "9", s)  # noqa: E731
+    assert {"(999) 999 9999", "(999)-999-9999", "9999999999"} <= {shape(p) for d in docs for p in d.pii_phones}
+    assert {"9999999999", "999999999999"} <= {shape(x) for d in docs for x in d.pii_decoys}
+    for d in docs:
+        assert clean.find_pii(d.text) == {k: list(v) for k, v in d.pii.items()}, d.doc_id
+        masked, counts = clean.mask_pii(d.text)
+        assert counts == {k: len(v) for k, v in d.pii.items()}
+        assert all(x in masked for x in d.pii_decoys), d.doc_id
 
 
 def test_mask_counts_and_ip_is_not_a_phone():

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from minilife.data import pack as pack_module
-from minilife.data.bpe import EOT, Tokenizer, train_bpe
+from minilife.data.bpe import EOT, Tokenizer
+from minilife.data.bpe_train import train_bpe
 from minilife.data.pack import get_batch, load_tokens, pack_corpus, token_dtype
 
 DOCS = [f"Document {i}: the fox said {'ha ' * (i % 5)}to café {i * 7}." for i in range(30)]
@@ -18,7 +19,7 @@ DOCS += ["", "a document quoting <|endoftext|> as text", "long " * 120, "東京 
 
 @functools.lru_cache(maxsize=None)
 def tokenizer() -> Tokenizer:
-    return train_bpe(DOCS, 256 + 60 + 1)
+    return train_bpe(256 + 60 + 1, text=DOCS)
 
 
 def expected_stream(tok, docs) -> np.ndarray:

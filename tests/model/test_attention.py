@@ -96,8 +96,8 @@ def test_kv_cache_chunks_equal_full_pass(impl):
 
 @pytest.mark.parametrize("attn_mask, prefix, word", [
     ("bidirectional", None, "attn_mask must be"),
-    (torch.ones(2, 5, 5), None, "torch.bool"),
-    (torch.ones(2, 4, 4, dtype=torch.bool), None, r"shape \(B, T, T\)"),
+    (torch.ones(2, 5, 5), None, "bool entries"),
+    (torch.ones(2, 4, 4, dtype=torch.bool), None, r"shape \(2, 5, 5\)"),
     (torch.eye(5, dtype=torch.bool).expand(2, 5, 5).clone().index_fill_(1, torch.tensor([2]), False),
      None, "query 2"),
     (None, torch.tensor([1, 6]), r"\[0, 5\]"),

@@ -1,0 +1,74 @@
+"""Per-token log-probabilities and entropies under a mask: what SFT, the reward model, PPO and DPO share.
+
+What it implements
+- ``token_logprobs``: log p(y_t) = z_t[y_t] - logsumexp(z_t) for given targets y (the log-likelihood
+  each of SFT's loss, PPO's ratio exp(log p - log p_old) (Schulman et al. 2017, eq. 6) and DPO's
+  implicit reward beta * log(p / p_ref) (Rafailov et al. 2023, eq. 7) is built from).
+- ``token_entropy``: H_t = -sum_v p_t(v) log p_t(v), PPO's entropy bonus (Schulman et al. 2017, eq. 9).
+- ``masked_sum`` / ``masked_mean``: a per-sequence reduction over the masked tokens (DPO sums the
+  log-probs of a response; a per-token average is the length-normalised alternative).
+- ``model_logprobs``: runs the model once and shifts by one, so position t holds log p(x_t | x_<t).
+Everything is computed in float32 or wider (bf16 logits are upcast: log-softmax over a large
+vocabulary in bf16 loses ~2 digits). Masked positions are selected away with ``torch.where``, never
+multiplied by 0, so they contribute exactly 0 and get exactly zero gradient even when their logits
+hold inf/NaN (0 * NaN = NaN would leak).
+
+What it leaves out: chunking over the vocabulary (the (B, T, V) float32 log-softmax is materialised),
+label smoothing, the losses themselves (they live in sft.py, reward.py, ppo.py, dpo.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _masked_log_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """logits (B, T, V), mask (B, T) bool -> log-softmax (B, T, V) in float32+, 0 at masked positions."""
+    if logits.dim() != 3 or mask.shape != logits.shape[:2] or mask.dtype != torch.bool:
+        raise ValueError(f"need logits (B, T, V) and a bool mask (B, T), got logits {tuple(logits.shape)}, "
+                         f"mask {mask.dtype} {tuple(mask.shape)}")
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.where(mask.unsqueeze(-1), z, 0.0).log_softmax(dim=-1)  # masked rows: finite, zero gradient
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log p(targets) under softmax(logits). logits (B, T, V); targets (B, T) long; mask (B, T) bool.
+    Returns (B, T) float32+ with exactly 0 where mask is False (targets there may be anything)."""
+    logp = _masked_log_softmax(logits, mask)  # (B, T, V)
+    picked = logp.gather(-1, torch.where(mask, targets, 0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return torch.where(mask, picked, 0.0)
+
+
+def token_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) per position. logits (B, T, V); mask (B, T) bool.
+    Returns (B, T) float32+ in nats, exactly 0 where mask is False."""
+    logp = _masked_log_softmax(logits, mask)  # (B, T, V)
+    return torch.where(mask, -(logp.exp() * logp).sum(-1), 0.0)
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of values over the True positions of each row. values (B, T), mask (B, T) bool -> (B,)."""
+    return torch.where(mask, values, 0.0).sum(-1)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of values over the True positions of each row (0 for a row with none). (B, T) -> (B,)."""
+    return masked_sum(values, mask) / mask.sum(-1).clamp(min=1)
+
+
+def model_logprobs(model, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                   response_mask: torch.Tensor | None = None, *, with_entropy: bool = False):
+    """log p(x_t | x_<t) for every scored token of ``input_ids`` (B, T), from one forward pass.
+
+    Scored: tokens where ``response_mask`` (B, T) bool (default: ``padding_mask``, default all) is True
+    and whose predecessor is a real token (padding_mask), so column 0 is never scored. The logits at
+    position t - 1 predict token t: the shift by one happens here. Returns logprobs (B, T) aligned
+    with input_ids, exactly 0 where not scored, and with ``with_entropy`` also the entropy (B, T) of
+    the distribution each scored token was drawn from.
+    """
+    real = torch.ones_like(input_ids, dtype=torch.bool) if padding_mask is None else padding_mask  # (B, T)
+    scored = (real if response_mask is None else response_mask & real)[:, 1:] & real[:, :-1]  # (B, T-1)
+    logits, _ = model(input_ids, padding_mask=padding_mask)  # (B, T, V)
+    logits = logits[:, :-1]  # (B, T-1, V): position t - 1 predicts input_ids[:, t]
+    logprobs = F.pad(token_logprobs(logits, input_ids[:, 1:], scored), (1, 0))  # (B, T-1) -> (B, T), column 0: 0
+    return (logprobs, F.pad(token_entropy(logits, scored), (1, 0))) if with_entropy else logprobs
