@@ -11,8 +11,13 @@ What it implements
   allocated before; elsewhere ``peak_tensor_bytes`` (torch keeps no CPU allocator statistics).
 - ``interleaved_times(fns, repeats)``: seconds per call of several functions, run in rounds whose
   order rotates, so drifting machine load hits every side alike. Every ``bench/`` script times with it.
-- ``compare(case, ours, ref, sides, device, repeats)``: one warm-up each, interleaved timings, then
-  peak memory; rows of min / median per side and the ratios ours / reference (the kernels' benches).
+- ``compare(case, ours, refs, sides, device, repeats)``: one warm-up each, interleaved timings of ours
+  and every reference, then peak memory; rows of min / median per side and the ratios ours / reference.
+- The kernels' comparisons (chapter 5 and ``bench/kernels.py``; kernel modules hold kernels only):
+  ``linear_ce_sides`` / ``ce_sides`` build forward + backward closures of the LM head + loss and of
+  cross-entropy on shared inputs; ``bench_loss`` (fused vs materialised logits and vs torch's chunked
+  ``F.linear_cross_entropy``; Triton vs ``F.cross_entropy``) and ``bench_attention`` (flash attention
+  vs SDPA and naive) run ``compare`` on them.
 
 What it leaves out: allocator slack and fragmentation, scratch buffers *inside* one aten kernel,
 Python objects. It counts tensors only, the same way for both sides of a comparison, and is exact
@@ -23,13 +28,21 @@ from __future__ import annotations
 import statistics
 import time
 import weakref
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode  # documented home of the class
+from torch.utils._pytree import tree_flatten  # no public pytree module in torch 2.13
 
-__all__ = ["LiveTensorBytes", "peak_tensor_bytes", "peak_memory_bytes", "interleaved_times", "compare", "MiB"]
+from minilife.kernels.cross_entropy import cross_entropy
+from minilife.kernels.flash_attention import flash_attention
+from minilife.kernels.flash_attention_torch import flash_attention_torch
+from minilife.kernels.fused_linear_ce import fused_linear_cross_entropy
+from minilife.kernels.reference import attention_naive
+
+__all__ = ["LiveTensorBytes", "peak_tensor_bytes", "peak_memory_bytes", "interleaved_times", "compare", "MiB",
+           "linear_ce_sides", "ce_sides", "bench_loss", "bench_attention"]
 
 MiB = 2.0**20
 
@@ -101,24 +114,98 @@ def interleaved_times(fns: Mapping[str, Callable[[], object]], repeats: int,
     return times
 
 
-def compare(case: str, ours: str, ref: str, sides: Mapping[str, Callable[[], object]], device: torch.device,
-            repeats: int) -> list[dict]:
-    """Time and peak memory of ``sides[ours]`` vs ``sides[ref]`` (closures running the whole op).
+def compare(case: str, ours: str, refs: Union[str, Sequence[str]], sides: Mapping[str, Callable[[], object]],
+            device: torch.device, repeats: int) -> list[dict]:
+    """Time and peak memory of ``sides[ours]`` vs each of ``sides[ref]`` (closures running the whole op).
 
-    Returns two rows (metric ``time_ms`` and ``peak_MiB``) with min / median of each side and
-    ``ratio_min`` / ``ratio_median`` = ours / reference. Memory is measured after the timings, so the
-    CPU counter's bookkeeping never enters a timing.
+    All sides are timed in the same interleaved rounds. Returns two rows per reference (metric
+    ``time_ms`` and ``peak_MiB``) with min / median of each side and ``ratio_min`` / ``ratio_median``
+    = ours / reference. Memory is measured after the timings, so the CPU counter's bookkeeping never
+    enters a timing.
     """
-    for name in (ours, ref):
+    names = [ours] + ([refs] if isinstance(refs, str) else list(refs))
+    for name in names:
         sides[name]()  # warm-up: compiles kernels, touches the allocator
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
-    seconds = interleaved_times({ours: sides[ours], ref: sides[ref]}, repeats, sync)
+    seconds = interleaved_times({name: sides[name] for name in names}, repeats, sync)
     times = {name: [s * 1e3 for s in values] for name, values in seconds.items()}
-    peaks = {name: [peak_memory_bytes(sides[name], device) / MiB] for name in (ours, ref)}
+    peaks = {name: [peak_memory_bytes(sides[name], device) / MiB] for name in names}
     rows = []
-    for metric, values in (("time_ms", times), ("peak_MiB", peaks)):
-        o_min, o_med = min(values[ours]), statistics.median(values[ours])
-        r_min, r_med = min(values[ref]), statistics.median(values[ref])
-        rows.append(dict(case=case, metric=metric, ours=ours, reference=ref, ours_min=o_min, ours_median=o_med,
-                         ref_min=r_min, ref_median=r_med, ratio_min=o_min / r_min, ratio_median=o_med / r_med))
+    for ref in names[1:]:
+        for metric, values in (("time_ms", times), ("peak_MiB", peaks)):
+            o_min, o_med = min(values[ours]), statistics.median(values[ours])
+            r_min, r_med = min(values[ref]), statistics.median(values[ref])
+            rows.append(dict(case=case, metric=metric, ours=ours, reference=ref, ours_min=o_min, ours_median=o_med,
+                             ref_min=r_min, ref_median=r_med, ratio_min=o_min / r_min, ratio_median=o_med / r_med))
     return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# the kernels' comparisons: closures running forward + backward on shared inputs
+
+
+def linear_ce_sides(N: int, V: int, C: int, dtype, device, chunk: Optional[int] = None,
+                    seed: int = 0) -> dict[str, Callable[[], object]]:
+    """LM head + loss, forward + backward: "fused" (``fused_linear_cross_entropy``, ``chunk`` rows per
+    chunk or its default rule), "materialised" (``hidden @ W.T`` then ``F.cross_entropy``) and, where
+    torch has it, "torch chunked" (``F.linear_cross_entropy`` with default ``LinearCrossEntropyOptions``)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, C, generator=g).to(device, dtype).requires_grad_(True)
+    weight = (torch.randn(V, C, generator=g) / C**0.5).to(device, dtype).requires_grad_(True)
+    targets = torch.randint(0, V, (N,), generator=g).to(device)
+    losses = {"fused": lambda: fused_linear_cross_entropy(hidden, weight, targets, chunk_size=chunk),
+              "materialised": lambda: F.cross_entropy(hidden @ weight.t(), targets)}  # (N, V) logits
+    if hasattr(torch.nn, "LinearCrossEntropyOptions"):  # torch >= 2.13
+        options = torch.nn.LinearCrossEntropyOptions()
+        losses["torch chunked"] = lambda: F.linear_cross_entropy(hidden, weight, targets, options=options)
+    return {name: (lambda f=f: torch.autograd.grad(f(), (hidden, weight))) for name, f in losses.items()}
+
+
+def ce_sides(N: int, V: int, dtype, device, seed: int = 0) -> dict[str, Callable[[], object]]:
+    """Cross-entropy on (N, V) logits, forward + backward: "triton" (``cross_entropy``) and "torch"."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(N, V, generator=g).to(device, dtype).requires_grad_(True)
+    targets = torch.randint(0, V, (N,), generator=g).to(device)
+    return {"triton": lambda: torch.autograd.grad(cross_entropy(logits, targets), (logits,)),
+            "torch": lambda: torch.autograd.grad(F.cross_entropy(logits, targets), (logits,))}
+
+
+def bench_loss(device: torch.device, *, tokens: int, vocab: int, hidden: int, dtype, repeats: int,
+               triton_ce: bool) -> list[dict]:
+    """Fused linear + CE vs materialised logits and vs torch's chunked op (and, if ``triton_ce``,
+    Triton cross-entropy vs ``F.cross_entropy``): ``compare`` rows."""
+    tag = f"{str(dtype)[6:]} {device.type}"
+    sides = linear_ce_sides(tokens, vocab, hidden, dtype, device)
+    rows = compare(f"linear + CE fwd+bwd N={tokens} C={hidden} V={vocab} {tag}", "fused",
+                   [name for name in sides if name != "fused"], sides, device, repeats)
+    if triton_ce:
+        rows += compare(f"cross-entropy fwd+bwd N={tokens} V={vocab} {tag}", "triton", "torch",
+                        ce_sides(tokens, vocab, dtype, device), device, repeats)
+    return rows
+
+
+def bench_attention(device: torch.device, seq_len: Optional[int] = None, batch: int = 1, heads: int = 8,
+                    head_dim: int = 64, repeats: int = 5) -> list[dict]:
+    """Causal attention forward + backward, ours vs references: ``compare`` rows.
+
+    CUDA (default T=4096, bf16): Triton ``flash_attention`` vs SDPA and vs ``attention_naive``.
+    CPU (default T=1024, fp32): ``flash_attention_torch`` vs ``attention_naive``.
+    """
+    cuda = device.type == "cuda"
+    T = seq_len or (4096 if cuda else 1024)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, d_out = (torch.randn(batch, heads, T, head_dim, generator=gen).to(device, dtype) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    attn = {"attention_naive": lambda: attention_naive(q, k, v, causal=True)}
+    if cuda:
+        ours, refs = "flash_attention (triton)", ["sdpa", "attention_naive"]
+        attn[ours] = lambda: flash_attention(q, k, v, causal=True)
+        attn["sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        ours, refs = "flash_attention_torch", ["attention_naive"]
+        attn[ours] = lambda: flash_attention_torch(q, k, v, causal=True)
+    runs = {name: (lambda f=f: torch.autograd.grad(f(), (q, k, v), d_out)) for name, f in attn.items()}
+    case = f"causal attention fwd+bwd B={batch} H={heads} T={T} D={head_dim} {str(dtype)[6:]} {device.type}"
+    return compare(case, ours, refs, runs, device, repeats)

@@ -4,6 +4,7 @@ The reference for "resume is exact" is an uninterrupted run: training k more ste
 must give bit-identical weights to training those k steps without stopping (CPU float32 is
 deterministic for these ops, so equality is exact, tolerance 0).
 """
+import io
 import random
 
 import numpy as np
@@ -18,6 +19,7 @@ from minilife.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
+    read_checkpoint,
     save_checkpoint,
     save_rotating,
 )
@@ -57,7 +59,7 @@ def test_resume_is_exact(tmp_path):
 
     model2 = make_model()
     opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
-    info = load_checkpoint(path, model=model2, optimizer=opt2, config=CONFIG)
+    info = load_checkpoint(path, model=model2, optimizer=opt2, config=CONFIG, restore_rng=True)  # resuming
     assert info["step"] == 3 and info["data_state"]["cursor"] == 123 and info["extra"] == {"best_val": 1.5}
     assert torch.equal(info["data_state"]["gen"], torch.Generator().manual_seed(5).get_state())
     assert info["config"] == CONFIG
@@ -73,13 +75,34 @@ def test_rng_draws_after_load_equal_draws_after_save(tmp_path):
     save_checkpoint(tmp_path / "r.pt", model=make_model(), step=0, config={})
     after_save = (random.random(), random.gauss(0, 1), np.random.randn(3).tolist(), torch.rand(3).tolist())
     random.seed(99), np.random.seed(99), torch.manual_seed(99)  # scramble
-    load_checkpoint(tmp_path / "r.pt")
+    load_checkpoint(tmp_path / "r.pt", restore_rng=True)  # resuming
     after_load = (random.random(), random.gauss(0, 1), np.random.randn(3).tolist(), torch.rand(3).tolist())
     assert after_load == after_save
-    # restore_rng=False leaves the current streams alone
-    state = torch.get_rng_state()
-    load_checkpoint(tmp_path / "r.pt", restore_rng=False)
-    assert torch.equal(torch.get_rng_state(), state)
+    # plain loading (the default) leaves every current stream alone
+    model = make_model()
+    states = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+    load_checkpoint(tmp_path / "r.pt", model=model)
+    assert random.getstate() == states[0] and (np.random.get_state()[1] == states[1]).all()
+    assert torch.equal(torch.get_rng_state(), states[2])
+
+
+def test_save_and_load_through_binary_file_objects(tmp_path):
+    model = make_model()
+    buf = io.BytesIO()
+    buf.write(b"header")  # the checkpoint need not start at offset 0
+    assert save_checkpoint(buf, model=model, step=7, config=CONFIG, extra={"note": "in memory"}) is buf
+    buf.seek(len(b"header"))
+    fresh = make_model()
+    info = load_checkpoint(buf, model=fresh, config=CONFIG)
+    assert info["step"] == 7 and info["extra"] == {"note": "in memory"}
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+    with open(tmp_path / "f.pt", "wb") as fh:
+        save_checkpoint(fh, model=model, step=1, config=CONFIG)
+    with open(tmp_path / "f.pt", "rb") as fh:
+        assert read_checkpoint(fh)["step"] == 1
+    broken = io.BytesIO(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a torch zip"):
+        load_checkpoint(broken)
 
 
 def test_file_loads_with_plain_torch_weights_only(tmp_path):

@@ -6,8 +6,9 @@ from typing import Literal, Optional
 import pytest
 import torch
 
-from minilife.common import (MetricsLogger, chapter_dir, cli_field, config_from_args, pick_device,
-                             plot_lines, read_jsonl, seed_everything, write_json_atomic)
+from minilife.common import (MetricsLogger, RunConfig, chapter_dir, check_flags, cli_field, config_from_args,
+                             make_config, pick_device, plot_lines, read_jsonl, seed_everything, start_run,
+                             write_json_atomic)
 
 
 @dataclass
@@ -47,6 +48,59 @@ def test_config_bad_values_are_usage_errors(capsys):
     with pytest.raises(SystemExit):
         config_from_args(DemoConfig, ["--steps", "0"])
     assert "--steps must be positive" in capsys.readouterr().err
+
+
+@dataclass
+class StageConfig(RunConfig):
+    """a stage with smoke values"""
+    seed: int = cli_field(0, "seed")
+    steps: int = cli_field(500, "optimizer steps", smoke=30)
+    sizes: list[int] = cli_field([256, 512], "sizes swept", smoke=[8])
+    warmup: Optional[int] = cli_field(None, "warmup (None: steps / 5)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_flags(self, at_least=dict(steps=1))
+
+
+def test_smoke_values_fill_only_what_was_not_given():
+    assert (make_config(StageConfig).steps, make_config(StageConfig).sizes) == (500, [256, 512])
+    smoke = config_from_args(StageConfig, ["--smoke"])
+    assert (smoke.steps, smoke.sizes, smoke.seed) == (30, [8], 0)  # no smoke value: the default
+    assert config_from_args(StageConfig, ["--smoke", "--steps", "7"]).steps == 7  # a given flag wins
+    assert config_from_args(StageConfig, ["--steps", "7", "--smoke"]).steps == 7  # in any order
+    smoke.sizes.append(9)
+    assert make_config(StageConfig, smoke=True).sizes == [8]  # smoke values are copied, not shared
+
+
+def test_help_prints_the_real_default_and_the_smoke_value(capsys):
+    with pytest.raises(SystemExit):
+        config_from_args(StageConfig, ["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "optimizer steps (default: 500; --smoke: 30)" in out
+    assert "--threads" in out and "default: None" not in out  # a None default is explained by its help
+
+
+def test_threads_flag_sets_torch_threads_and_is_checked(tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        out, device = start_run("ch9", config_from_args(StageConfig, ["--threads", "1", "--out", str(tmp_path)]))
+        assert torch.get_num_threads() == 1 and out == tmp_path and device == torch.device("cpu")
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit) as e:
+        config_from_args(StageConfig, ["--threads", "-1"])
+    assert e.value.code == 2 and "--threads must be >= 0" in capsys.readouterr().err
+
+
+def test_check_flags_names_the_flag():
+    cfg = make_config(StageConfig)
+    cfg.steps = 0
+    with pytest.raises(ValueError, match="--steps must be >= 1, got 0"):
+        check_flags(cfg, at_least=dict(steps=1))
+    with pytest.raises(ValueError, match=r"--sizes .*choose one of"):
+        check_flags(cfg, choices={"sizes": ("a",)})
+    check_flags(cfg, at_least=dict(warmup=1))  # None passes: derived later
 
 
 def test_pick_device():

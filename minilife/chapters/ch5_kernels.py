@@ -48,11 +48,11 @@ from minilife.common import (MetricsLogger, RunConfig, check_flags, cli_field, c
                              plot_lines, start_run, write_json_atomic)
 from minilife.kernels import interpreting, triton_available
 from minilife.kernels.cross_entropy import cross_entropy
-from minilife.kernels.flash_attention import bench_attention, flash_attention
+from minilife.kernels.flash_attention import flash_attention
 from minilife.kernels.flash_attention_torch import flash_attention_torch
-from minilife.kernels.fused_linear_ce import bench_loss, fused_linear_cross_entropy, loss_sides
+from minilife.kernels.fused_linear_ce import fused_linear_cross_entropy
 from minilife.kernels.reference import attention_naive, cross_entropy_naive
-from minilife.measure import MiB, peak_memory_bytes
+from minilife.measure import MiB, bench_attention, bench_loss, linear_ce_sides, peak_memory_bytes
 
 CHAPTER = "ch5_kernels"
 NA = "n/a (no GPU; see tests under the interpreter)"
@@ -215,7 +215,7 @@ def parity(device, triton_mode: str, attn_kw: dict, loss_kw: dict) -> list[dict]
 def memory_sweep_vocab(device, N: int, C: int, vocabs: list[int], chunk: int) -> list[dict]:
     rows = []
     for V in tqdm(vocabs, desc="memory vs V", leave=False):
-        sides = loss_sides(N, V, C, torch.float32, device, chunk)
+        sides = linear_ce_sides(N, V, C, torch.float32, device, chunk)
         fused, mat = (peak_memory_bytes(sides[k], device) / MiB for k in ("fused", "materialised"))
         rows.append({"V": V, "N": N, "C": C, "chunk": chunk, "logits_MiB": round(N * V * 4 / MiB, 2),
                      "materialised_MiB": round(mat, 2), "fused_MiB": round(fused, 2), "ratio": round(fused / mat, 3)})
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 3. timings (GPU only) --------------------------------------------------------------------------
     if triton_mode == "cuda":
         print("\n3. Timings on " + torch.cuda.get_device_name(device))
-        timings = bench_attention(str(device), seq_len=256 if cfg.smoke else 2048, repeats=3)
+        timings = bench_attention(device, seq_len=256 if cfg.smoke else 2048, repeats=3)
         timings += bench_loss(device, tokens=1024 if cfg.smoke else 8192, vocab=32000 if cfg.smoke else 128256,
                               hidden=512 if cfg.smoke else 2048, dtype=torch.bfloat16, repeats=3, triton_ce=True)
         for r in timings:

@@ -92,7 +92,7 @@ def learn_merges_naive(pretoken_counts: dict[bytes, int], n_merges: int) -> list
         if a + b not in vocab:  # two different merges can spell the same bytes: one token
             vocab.append(a + b)
         for word, _ in words:
-            i = 0
+            word.reverse(); i = 0
             while i < len(word) - 1:  # left to right, so "aaa" with pair (a, a) becomes [aa, a]
                 if word[i] == a and word[i + 1] == b:
                     word[i:i + 2] = [a + b]

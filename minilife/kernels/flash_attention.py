@@ -15,7 +15,7 @@ What it implements
 - Causal (query i sees keys j <= i) and full attention; any T (edge tiles are masked loads/stores);
   head dims 1..128, padded in-kernel to a power of two >= 16 (masked loads), so 16/32/64/128 run
   unpadded; fp32/fp16/bf16 storage with fp32 accumulation. fp32 inputs use IEEE dot products (exact
-  to fp32, but no tensor cores: use bf16/fp16 for speed, as the benchmark does).
+  to fp32, but no tensor cores: use bf16/fp16 for speed, as ``minilife.measure.bench_attention`` does).
 - Where Triton cannot run (CPU without TRITON_INTERPRET=1, triton missing, MPS) the call falls back
   to ``flash_attention_torch`` (same algorithm, plain torch) after a one-time RuntimeWarning.
 
@@ -44,7 +44,7 @@ import torch
 from minilife.kernels import import_triton, interpreting, triton_available, triton_runnable, warn_once
 from minilife.kernels.flash_attention_torch import check_qkv, flash_attention_torch
 
-__all__ = ["flash_attention", "bench_attention", "MAX_HEAD_DIM"]
+__all__ = ["flash_attention", "MAX_HEAD_DIM"]
 
 MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
@@ -155,45 +155,3 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     out, lse = _FlashAttentionTriton.apply(q, k, v, bool(causal), scale, blocks)
     return (out, lse) if return_lse else out
 
-
-def bench_attention(device: str = "auto", seq_len: Optional[int] = None, batch: int = 1, heads: int = 8,
-                    head_dim: int = 64, repeats: int = 5) -> list[dict]:
-    """Causal attention forward+backward, ours vs references; returns one dict per (pair, metric).
-
-    CUDA (default T=4096, bf16): Triton ``flash_attention`` vs SDPA and vs ``attention_naive``:
-    wall time (synchronised) and peak ``torch.cuda.max_memory_allocated`` above the inputs.
-    CPU (default T=1024, fp32): ``flash_attention_torch`` vs ``attention_naive``: wall time and peak
-    tensor bytes from ``minilife.measure.peak_tensor_bytes`` (dispatch-mode count of live storage).
-    ``minilife.measure.compare`` does the timing: one warm-up call each (compiles and autotunes),
-    then ``repeats`` interleaved rounds. Row keys:
-    case, metric ("time_ms" | "peak_MiB"), ours, reference, ours_min, ours_median, ref_min,
-    ref_median, ratio_min (= ours_min / ref_min), ratio_median (= ours_median / ref_median).
-    """
-    import torch.nn.functional as F
-
-    from minilife.common import pick_device
-    from minilife.kernels.reference import attention_naive
-    from minilife.measure import compare
-
-    dev = pick_device(device)
-    cuda = dev.type == "cuda"
-    T = seq_len or (4096 if cuda else 1024)
-    dtype = torch.bfloat16 if cuda else torch.float32
-    gen = torch.Generator().manual_seed(0)
-    q, k, v, d_out = (torch.randn(batch, heads, T, head_dim, generator=gen).to(dev, dtype) for _ in range(4))
-    for t in (q, k, v):
-        t.requires_grad_(True)
-    attn = {"attention_naive": lambda: attention_naive(q, k, v, causal=True)}
-    if cuda:
-        attn["flash_attention (triton)"] = lambda: flash_attention(q, k, v, causal=True)
-        attn["sdpa"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        pairs = [("flash_attention (triton)", "sdpa"), ("flash_attention (triton)", "attention_naive")]
-    else:
-        attn["flash_attention_torch"] = lambda: flash_attention_torch(q, k, v, causal=True)
-        pairs = [("flash_attention_torch", "attention_naive")]
-    runs = {name: (lambda f=f: torch.autograd.grad(f(), (q, k, v), d_out)) for name, f in attn.items()}
-    case = f"causal attention fwd+bwd B={batch} H={heads} T={T} D={head_dim} {str(dtype)[6:]} {dev.type}"
-    rows = []
-    for ours, ref in pairs:
-        rows += compare(case, ours, ref, runs, dev, repeats)
-    return rows

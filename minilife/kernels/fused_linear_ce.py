@@ -33,28 +33,23 @@ but never less than 16M elements, because every chunk also reads and writes the 
 ``grad_weight`` accumulator: chunks of a few dozen rows make that traffic dominate (one measurement
 on CPU at N=4096, C=768, V=50257: 128-row chunks took ~1.6x the time of 512-row chunks).
 
-Also here: ``bench_loss``, the time and memory comparison against torch that ``bench/kernels.py``
-and chapter 5 both run (like ``bench_attention`` beside the attention kernels; the measuring itself is
-``minilife.measure.compare``).
-
 Under ``torch.autocast`` both inputs are cast to the autocast dtype first, as ``F.linear`` would be.
 
 What it leaves out: a bias on the head, class weights, soft targets, z-loss, tensor-parallel vocab
 shards. ``torch.nn.functional.linear_cross_entropy`` (torch >= 2.13, chunked when given
-``LinearCrossEntropyOptions``) is the same idea; the tests compare against it when present.
+``LinearCrossEntropyOptions``) is the same idea; the tests check against it and
+``minilife.measure.bench_loss`` times against it when present.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 
 from minilife.kernels.cross_entropy import (SUPPORTED_DTYPES, backward_rows, check_options, check_targets,
-                                            cross_entropy, forward_rows, mean_denominator, use_triton)
-from minilife.measure import compare
+                                            forward_rows, mean_denominator, use_triton)
 
-__all__ = ["fused_linear_cross_entropy", "default_chunk_size", "bench_loss"]
+__all__ = ["fused_linear_cross_entropy", "default_chunk_size"]
 
 
 def default_chunk_size(N: int, C: int, V: int) -> int:
@@ -200,43 +195,4 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         raise ValueError(f"{fn}: chunk_size must be a positive int, got {chunk_size!r}")
     return _FusedLinearCrossEntropy.apply(hidden, weight, targets, int(ignore_index), reduction,
                                           float(label_smoothing), n_tok, chunk_size, torch.is_grad_enabled())
-
-
-# ------------------------------------------------------------------------------------------------
-# benchmark sides: shared by minilife/chapters/ch5_kernels.py and bench/kernels.py
-
-def loss_sides(N: int, V: int, C: int, dtype, device, chunk: Optional[int] = None,
-               seed=0) -> dict[str, Callable[[], object]]:
-    """Forward + backward closures: the fused head + loss (``chunk`` rows per chunk, default rule if
-    None), and linear then F.cross_entropy."""
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(N, C, generator=g).to(device, dtype).requires_grad_(True)
-    weight = (torch.randn(V, C, generator=g) / C**0.5).to(device, dtype).requires_grad_(True)
-    targets = torch.randint(0, V, (N,), generator=g).to(device)
-    fused = lambda: fused_linear_cross_entropy(hidden, weight, targets, chunk_size=chunk)  # noqa: E731
-    return {"fused": lambda: torch.autograd.grad(fused(), (hidden, weight)),
-            "materialised": lambda: torch.autograd.grad(F.cross_entropy(hidden @ weight.t(), targets),  # (N, V)
-                                                        (hidden, weight))}
-
-
-def ce_sides(N: int, V: int, dtype, device, seed=0) -> dict[str, Callable[[], object]]:
-    """Forward + backward closures on (N, V) logits: Triton cross_entropy and F.cross_entropy."""
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(N, V, generator=g).to(device, dtype).requires_grad_(True)
-    targets = torch.randint(0, V, (N,), generator=g).to(device)
-    return {"triton": lambda: torch.autograd.grad(cross_entropy(logits, targets), (logits,)),
-            "torch": lambda: torch.autograd.grad(F.cross_entropy(logits, targets), (logits,))}
-
-
-def bench_loss(device, *, tokens: int, vocab: int, hidden: int, dtype, repeats: int,
-               triton_ce: bool) -> list[dict]:
-    """Fused linear + CE vs materialised (and, if ``triton_ce``, Triton CE vs F.cross_entropy)."""
-    tag = f"{str(dtype)[6:]} {device.type}"
-    rows = compare(f"linear + CE fwd+bwd N={tokens} C={hidden} V={vocab} {tag}", "fused", "materialised",
-                   loss_sides(tokens, vocab, hidden, dtype, device), device, repeats)
-    if triton_ce:
-        rows += compare(f"cross-entropy fwd+bwd N={tokens} V={vocab} {tag}", "triton", "torch",
-                        ce_sides(tokens, vocab, dtype, device), device, repeats)
-    return rows
-
 

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 
+from minilife.artifacts import ensure_data
 from minilife.chapters import ch2_data
 from minilife.data.bpe import Tokenizer
 from minilife.data.pack import load_tokens, read_meta
@@ -38,10 +39,10 @@ def test_precision_recall_convention():
     assert ch2_data.precision_recall(set(), set())["precision"] == 1.0
 
 
-def test_smoke_run_via_ensure_data(capsys, tmp_path):
-    data_dir = ch2_data.ensure_data(smoke=True)  # conftest points MINILIFE_RUNS at tmp_path/runs
-    out = capsys.readouterr().out
-    assert "building" in out and "ch2_data --smoke" in out
+def test_smoke_run_via_ensure_data(capfd, tmp_path):
+    data_dir = ensure_data(smoke=True)  # conftest points MINILIFE_RUNS at tmp_path/runs
+    out = capfd.readouterr().out
+    assert "building" in out and "ch2_data --smoke" in out  # it says what it runs
     assert data_dir == tmp_path / "runs" / "ch2_data-smoke"
     for name in ("tokenizer.json", "shards/meta.json", "summary.json", "metrics.jsonl", "lsh_s_curve.png",
                  "compression.png", "corpus.jsonl", "removed.jsonl"):
@@ -50,8 +51,8 @@ def test_smoke_run_via_ensure_data(capsys, tmp_path):
 
     # present -> reused, not rebuilt
     stamp = os.stat(data_dir / "tokenizer.json").st_mtime_ns
-    assert ch2_data.ensure_data(smoke=True) == data_dir
-    assert "building" not in capsys.readouterr().out
+    assert ensure_data(smoke=True) == data_dir
+    assert "building" not in capfd.readouterr().out
     assert os.stat(data_dir / "tokenizer.json").st_mtime_ns == stamp
 
     summary = json.loads((data_dir / "summary.json").read_text())

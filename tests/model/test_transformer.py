@@ -1,11 +1,14 @@
 """GPT: config validation, causality, init loss, generation with and without the KV cache, gradient
 checkpointing, parameter counting and groups, kernel dispatch."""
+import copy
 import math
 import sys
 import types
+from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
@@ -275,3 +278,68 @@ def test_real_kernels_integrate(recwarn):
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
         for (name, a), b in zip(m.named_parameters(), ref.parameters()):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+class LowRankDelta(nn.Module):
+    """A stand-in for LoRA: base(x) + (x A^T) B^T, a low-rank delta the base weight does not hold."""
+
+    def __init__(self, base: nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base = base
+        self.A = nn.Parameter(torch.randn(rank, base.in_features, dtype=base.weight.dtype) * 0.3)
+        self.B = nn.Parameter(torch.randn(base.out_features, rank, dtype=base.weight.dtype) * 0.3)
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.A.T) @ self.B.T
+
+
+def test_wrapped_projections_are_honoured_on_every_path(monkeypatch):
+    """Every nn.Linear wrapped: logits, losses and greedy tokens equal those of a plain model whose
+    weights hold the merged W + B A (so no path may read a weight behind its module's back)."""
+    torch.manual_seed(5)
+    plain = GPT(_cfg(tie_embeddings=False)).double().eval()
+    wrapped, merged = copy.deepcopy(plain), copy.deepcopy(plain)
+    for name, mod in list(wrapped.named_modules()):
+        if isinstance(mod, nn.Linear):
+            parent, _, attr = name.rpartition(".")
+            delta = LowRankDelta(mod)
+            setattr(wrapped.get_submodule(parent), attr, delta)
+            with torch.no_grad():
+                merged.get_submodule(name).weight += delta.B @ delta.A  # (out, r) @ (r, in)
+    assert sum(isinstance(m, LowRankDelta) for m in wrapped.modules()) == 2 * 5 + 1  # qkv, proj, w1-3; head
+    idx, tgt = torch.randint(0, V, (2, 2, T), generator=torch.Generator().manual_seed(6))
+    ref_logits, ref_loss = merged(idx, tgt)
+    assert (ref_logits - plain(idx)[0]).abs().max() > 1e-2  # the deltas matter
+    _install_fake(monkeypatch, "minilife.kernels.cross_entropy", "cross_entropy",
+                  lambda logits, targets, ignore_index=-100, reduction="mean", **_: F.cross_entropy(
+                      logits, targets, ignore_index=ignore_index, reduction=reduction))
+    for loss_impl in ("torch", "triton"):
+        wrapped.cfg = replace(wrapped.cfg, loss_impl=loss_impl)
+        logits, loss = wrapped(idx, tgt)
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-10, atol=1e-10)  # float64, same math regrouped
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-10)
+    prompt = idx[:, :3]
+    assert torch.equal(wrapped.generate(prompt, 5, temperature=0.0).tokens,
+                       merged.generate(prompt, 5, temperature=0.0).tokens)
+    wrapped.cfg = replace(wrapped.cfg, loss_impl="fused")
+    with pytest.raises(ValueError, match="fused.*LowRankDelta.*loss_impl='torch'"):
+        wrapped(idx, tgt)
+
+
+def test_loading_weights_with_the_other_tying_raises(tmp_path):
+    tied, untied = GPT(_cfg()), GPT(_cfg(tie_embeddings=False))
+    before = {k: v.clone() for k, v in tied.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"untied .*tie_embeddings=True.*tie_embeddings=False\)"):
+        tied.load_state_dict(untied.state_dict())
+    assert all(torch.equal(v, tied.state_dict()[k]) for k, v in before.items())  # nothing was overwritten
+    with pytest.raises(RuntimeError, match=r"tied .*tie_embeddings=False.*tie_embeddings=True\)"):
+        untied.load_state_dict(tied.state_dict())
+    with pytest.raises(RuntimeError, match="untied"):  # a GPT inside another module: keys carry a prefix
+        nn.ModuleDict({"lm": GPT(_cfg())}).load_state_dict({f"lm.{k}": v for k, v in untied.state_dict().items()})
+    GPT(_cfg()).load_state_dict(tied.state_dict())  # the same layout loads
+    GPT(_cfg(tie_embeddings=False)).load_state_dict(untied.state_dict())
+    from minilife.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+    path = save_checkpoint(tmp_path / "untied.pt", model=untied, step=0, config={})
+    with pytest.raises(CheckpointError, match="untied.pt.*untied"):
+        load_checkpoint(path, model=tied)
