@@ -22,7 +22,7 @@ Model FLOPs per token (Kaplan et al. 2020; PaLM appendix B): 6 * N_matmul + 12 *
 N_matmul counts the weights used in matmuls (blocks + LM head; the embedding lookup is free) and the
 second term is attention's QK^T and AV (forward + backward, no discount for the causal half).
 
-    python bench/pretrain.py                 # default shapes
+    python bench/pretrain.py                 # default shapes: minutes (6.5 on 2 shared cores); prints progress
     python bench/pretrain.py --quick         # seconds, for a smoke check
 """
 from __future__ import annotations
@@ -194,13 +194,18 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"shapes: L={cfg.n_layer} H={cfg.n_head} C={cfg.n_embd} F={cfg.ffn_dim} T={cfg.context_length} "
           f"B={a.batch_size} V={cfg.vocab_size}; {tokens} tokens/step; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; random token ids (throughput does not depend on them)")
+    start = time.perf_counter()
+    progress = lambda msg: print(f"[{time.perf_counter() - start:6.1f} s] {msg}", flush=True)  # noqa: E731
     for name, step in steps.items():
+        progress(f"warm-up: {a.warmup} step(s) of {name}")
         for _ in range(a.warmup):
             step(x, y)
     n_peak = 2048 if not a.quick else 512
+    progress(f"matmul peak ({n_peak}^3)")
     peak = {"fp32": matmul_peak(n_peak, 5), "bf16": 0.0 if a.no_bf16 else matmul_peak(n_peak, 5, torch.bfloat16)}
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(a.repeats):
+    for r in range(a.repeats):
+        progress(f"timed round {r + 1}/{a.repeats}: one step of each of {len(steps)} sides")
         for name, step in steps.items():  # interleaved
             t0 = time.perf_counter()
             step(x, y)

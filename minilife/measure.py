@@ -19,6 +19,10 @@ What it implements
   ``F.linear_cross_entropy``; Triton vs ``F.cross_entropy``) and ``bench_attention`` (flash attention
   vs SDPA and naive) run ``compare`` on them.
 
+A custom operator with a Python body (``torch.library.custom_op``; torch's chunked
+``F.linear_cross_entropy`` is one) is run with the mode still on, so the ops inside it are counted
+too; otherwise the mode would see only its outputs.
+
 What it leaves out: allocator slack and fragmentation, scratch buffers *inside* one aten kernel,
 Python objects. It counts tensors only, the same way for both sides of a comparison, and is exact
 and repeatable -- unlike process RSS, which glibc's malloc keeps high after frees.
@@ -38,7 +42,7 @@ from torch.utils._pytree import tree_flatten  # no public pytree module in torch
 from minilife.kernels.cross_entropy import cross_entropy
 from minilife.kernels.flash_attention import flash_attention
 from minilife.kernels.flash_attention_torch import flash_attention_torch
-from minilife.kernels.fused_linear_ce import fused_linear_cross_entropy
+from minilife.kernels.fused_linear_ce import default_chunk_size, fused_linear_cross_entropy
 from minilife.kernels.reference import attention_naive
 
 __all__ = ["LiveTensorBytes", "peak_tensor_bytes", "peak_memory_bytes", "interleaved_times", "compare", "MiB",
@@ -59,9 +63,15 @@ class LiveTensorBytes(TorchDispatchMode):
         self.live -= self._sizes.pop(key, 0)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if func.namespace not in ("aten", "prim", "prims") and all(t.device.type == "cpu" for t in tensors):
+            # a custom op with a Python body (torch.library.custom_op, e.g. F.linear_cross_entropy's
+            # chunked path): run its CPU kernel with this mode still on, so its insides are counted
+            with self:
+                out = func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **(kwargs or {}))
+        else:
+            out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tensors}
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor):
                 continue
@@ -148,7 +158,8 @@ def linear_ce_sides(N: int, V: int, C: int, dtype, device, chunk: Optional[int] 
                     seed: int = 0) -> dict[str, Callable[[], object]]:
     """LM head + loss, forward + backward: "fused" (``fused_linear_cross_entropy``, ``chunk`` rows per
     chunk or its default rule), "materialised" (``hidden @ W.T`` then ``F.cross_entropy``) and, where
-    torch has it, "torch chunked" (``F.linear_cross_entropy`` with default ``LinearCrossEntropyOptions``)."""
+    torch has it, ``F.linear_cross_entropy``'s chunked path with its own chunk rule ("torch chunked",
+    default ``LinearCrossEntropyOptions``) and with the fused side's rows per chunk ("..., our chunk")."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(N, C, generator=g).to(device, dtype).requires_grad_(True)
     weight = (torch.randn(V, C, generator=g) / C**0.5).to(device, dtype).requires_grad_(True)
@@ -156,8 +167,10 @@ def linear_ce_sides(N: int, V: int, C: int, dtype, device, chunk: Optional[int] 
     losses = {"fused": lambda: fused_linear_cross_entropy(hidden, weight, targets, chunk_size=chunk),
               "materialised": lambda: F.cross_entropy(hidden @ weight.t(), targets)}  # (N, V) logits
     if hasattr(torch.nn, "LinearCrossEntropyOptions"):  # torch >= 2.13
-        options = torch.nn.LinearCrossEntropyOptions()
-        losses["torch chunked"] = lambda: F.linear_cross_entropy(hidden, weight, targets, options=options)
+        for name, opt in (("torch chunked", torch.nn.LinearCrossEntropyOptions()),  # torch's own chunk rule
+                          ("torch chunked, our chunk", torch.nn.LinearCrossEntropyOptions(
+                              chunking_method=None, batch_chunk_size=chunk or default_chunk_size(N, C, V)))):
+            losses[name] = lambda opt=opt: F.linear_cross_entropy(hidden, weight, targets, options=opt)
     return {name: (lambda f=f: torch.autograd.grad(f(), (hidden, weight))) for name, f in losses.items()}
 
 

@@ -1,20 +1,18 @@
 """Per-token log-probabilities and entropies under a mask: what SFT, the reward model, PPO and DPO share.
 
 What it implements
-- ``token_logprobs``: log p(y_t) = z_t[y_t] - logsumexp(z_t) for given targets y (the log-likelihood
-  each of SFT's loss, PPO's ratio exp(log p - log p_old) (Schulman et al. 2017, eq. 6) and DPO's
-  implicit reward beta * log(p / p_ref) (Rafailov et al. 2023, eq. 7) is built from).
+- ``token_logprobs``: log p(y_t) = z_t[y_t] - logsumexp(z_t) of given targets, the quantity SFT's loss,
+  PPO's ratio exp(log p - log p_old) (Schulman et al. 2017, eq. 6) and DPO's implicit reward
+  beta * log(p / p_ref) (Rafailov et al. 2023, eq. 7) are built from.
 - ``token_entropy``: H_t = -sum_v p_t(v) log p_t(v), PPO's entropy bonus (Schulman et al. 2017, eq. 9).
-- ``masked_sum`` / ``masked_mean``: a per-sequence reduction over the masked tokens (DPO sums the
-  log-probs of a response; a per-token average is the length-normalised alternative).
-- ``model_logprobs``: runs the model once and shifts by one, so position t holds log p(x_t | x_<t).
-Everything is computed in float32 or wider (bf16 logits are upcast: log-softmax over a large
-vocabulary in bf16 loses ~2 digits). Masked positions are selected away with ``torch.where``, never
-multiplied by 0, so they contribute exactly 0 and get exactly zero gradient even when their logits
-hold inf/NaN (0 * NaN = NaN would leak).
+- ``masked_sum`` / ``masked_mean``: per-sequence sums (DPO) or means over the masked tokens.
+- ``model_logprobs``: one forward pass and the shift by one: position t holds log p(x_t | x_<t).
+Computed in float32 or wider (bf16 logits are upcast). Masked positions are selected away with
+``torch.where``, never multiplied by 0, so they give exactly 0 and exactly zero gradient even when
+their logits hold inf/NaN (0 * NaN = NaN would leak).
 
 What it leaves out: chunking over the vocabulary (the (B, T, V) float32 log-softmax is materialised),
-label smoothing, the losses themselves (they live in sft.py, reward.py, ppo.py, dpo.py).
+label smoothing, the losses themselves (sft.py, reward.py, ppo.py, dpo.py).
 """
 from __future__ import annotations
 

@@ -1,5 +1,12 @@
 """Chapter 1: the lifecycle and its bill -- what training a model costs in memory, FLOPs, time, money.
 
+    python -m minilife.chapters.ch1_budget            # ~40 s on 2 cores (--smoke: ~5 s)
+
+prints the parameter counts, a memory bill per size and precision (the notes' 72 GB and 84 GB
+reproduced from stated assumptions), predicted vs measured bytes on the tiny model, FLOPs = 6ND
+against torch's counter, training time and cost, and Chinchilla tokens. Writes memory_bill.png,
+metrics.jsonl and summary.json to runs/ch1_budget/.
+
 What it does (read ``main`` top to bottom)
 1. Parameters: the exact count for our tiny model, GPT-2-small's shape and a Llama-2-7B-shaped
    config, from ``minilife.budget.param_count`` (equal to ``GPT.num_params()``).

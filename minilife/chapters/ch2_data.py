@@ -1,5 +1,11 @@
 """Chapter 2, the curriculum: from the raw company wiki to packed token shards, scored at every step.
 
+    python -m minilife.chapters.ch2_data            # ~10 s on 2 cores (--smoke: ~3 s)
+
+prints the raw world's make-up, then one line per cleaning step (documents kept and removed, precision
+and recall against the planted labels), the mixing table, BPE compression in tokens per word and
+the packed token counts. Writes the tokenizer, shards, plots and summary.json to runs/ch2_data/.
+
 What it does (read ``main`` top to bottom)
 1. Builds the dirty wiki (``data.world.make_wiki``) whose dirt is labelled, and prints its make-up.
 2. Normalises Unicode and whitespace (NFC by default; ``--normal-form NFKC`` folds more).

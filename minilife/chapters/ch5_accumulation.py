@@ -1,5 +1,11 @@
 """Chapter 5.3: gradient accumulation gives the big batch's update -- if you normalise by tokens.
 
+    python -m minilife.chapters.ch5_accumulation            # ~20 s on 2 cores (--smoke: ~3 s)
+
+prints a table of loss and gradient differences against one big batch (float64): token-weighted
+accumulation at a few eps, the naive per-micro-batch mean off on ragged batches; weight_drift.png
+and summary.json in runs/ch5_accumulation/.
+
 What it implements
 - The claim: k micro-batches of b sequences, each backpropagated and summed into ``.grad`` before a
   single optimizer step, give the same update as one batch of k*b sequences (global batch = micro
@@ -7,7 +13,7 @@ What it implements
 - The exact check, in float64 (so only summation order differs: a few float64 eps of 2.2e-16, ~1e-15
   relative in the smoke run): the reference is one big batch through the model and
   ``F.cross_entropy(..., reduction="mean")`` -- torch's mean over all non-ignored tokens -- against
-  ``loop.accumulate_gradients`` (what ch2_pretrain runs: each micro-batch's summed loss divided by
+  the token-weighted recipe (what ch2_pretrain runs: each micro-batch's summed loss divided by
   the token count of the *whole* step). Gradients and the weights after several AdamW steps are
   compared.
 - The trap: with ragged micro-batches (padding, SFT prompt masks, documents of different lengths)

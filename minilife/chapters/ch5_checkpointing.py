@@ -1,5 +1,11 @@
 """Chapter 5.4: the two meanings of checkpointing, each measured.
 
+    python -m minilife.chapters.ch5_checkpointing            # ~25 s on 2 cores (--smoke: ~5 s)
+
+prints a table of the weight difference between an uninterrupted run and killed-and-resumed runs (bitwise
+equal only with everything restored), then gradient checkpointing's activation memory and time
+ratios; summary.json in runs/ch5_checkpointing/.
+
 What it implements
 A. Training checkpoints for resuming. A run is "killed" after step k: the model and optimizer
    objects are deleted, a fresh model (initialised from a *different* seed, so nothing leaks through)

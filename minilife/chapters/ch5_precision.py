@@ -1,5 +1,11 @@
 """Chapter 5.2: fp16 vs bf16 -- the same 16 bits, different ranges, and what that does to gradients.
 
+    python -m minilife.chapters.ch5_precision            # ~60 s on 2 cores (--smoke: ~5 s)
+
+prints the fp32/fp16/bf16 format table, the share of gradient entries fp16 flushes to zero at each loss
+scale, and fp32 / bf16 / fp16 (static and dynamic loss scaling) training side by side; PNGs and
+summary.json in runs/ch5_precision/.
+
 What it implements
 - The format table (``torch.finfo`` plus the smallest subnormal, found with ``torch.nextafter``):
   fp16 has 5 exponent / 10 mantissa bits (max 65504, smallest normal 2^-14, subnormal 2^-24),

@@ -1,5 +1,11 @@
 """Chapter 5.1 and 5.5: learning-rate schedules and when to stop.
 
+    python -m minilife.chapters.ch5_schedule            # ~60 s on 2 cores (--smoke: ~5 s)
+
+prints a table of the loss spike with and without warmup at a high LR, reduce-on-plateau beside warmup
++ cosine, and the early-stopping point of a run that overfits; PNGs and summary.json in
+runs/ch5_schedule/.
+
 What it implements
 - Warmup vs no warmup at a high peak LR, the same model, data and cosine decay otherwise. At step 0
   Adam's moments hold one noisy gradient and its update is about lr * sign(g) for *every* weight;

@@ -96,8 +96,8 @@ class Tokenizer:
             special_tokens = {s: first + i for i, s in enumerate(names)}
         specials = dict(special_tokens)
         for s, i in specials.items():
-            if not s:
-                raise ValueError("Tokenizer: a special token cannot be the empty string")
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"Tokenizer: special token {s!r} must be a non-empty string")
             if i in ranks.values() or list(specials.values()).count(i) > 1:
                 raise ValueError(f"Tokenizer: special token {s!r} has id {i}, which is already taken")
         try:

@@ -39,6 +39,8 @@ from tqdm import tqdm
 
 from minilife.data.bpe import EOT, GPT2_PATTERN, Tokenizer, special_token_regex
 
+_BYTES = {bytes([b]): b for b in range(256)}
+
 
 def read_text_file(path: str | os.PathLike, errors: str = "strict") -> str:
     """Read a UTF-8 text file. Invalid UTF-8 raises ValueError naming the file, byte offset and line;
@@ -92,7 +94,7 @@ def learn_merges_naive(pretoken_counts: dict[bytes, int], n_merges: int) -> list
         if a + b not in vocab:  # two different merges can spell the same bytes: one token
             vocab.append(a + b)
         for word, _ in words:
-            word.reverse(); i = 0
+            i = 0
             while i < len(word) - 1:  # left to right, so "aaa" with pair (a, a) becomes [aa, a]
                 if word[i] == a and word[i + 1] == b:
                     word[i:i + 2] = [a + b]
@@ -210,31 +212,21 @@ def train_bpe(vocab_size: int, *, text: str | Iterable[str] | None = None,
         raise TypeError("train_bpe: give exactly one of text=... (the corpus itself) or files=... (paths)")
     if isinstance(text, (os.PathLike, bytes)):
         raise TypeError(f"train_bpe: text is a {type(text).__name__}; to train on a file use files=...")
-    if isinstance(special_tokens, str):
-        special_tokens = (special_tokens,)
-    special_tokens = list(special_tokens)
-    for i, s in enumerate(special_tokens):
-        if not isinstance(s, str) or not s:
-            raise ValueError(f"train_bpe: special token {s!r} must be a non-empty string")
-        if s in special_tokens[:i]:
-            raise ValueError(f"train_bpe: special token {s!r} is listed twice")
     if not isinstance(vocab_size, int):
         raise TypeError(f"train_bpe: vocab_size={vocab_size!r} must be an int")
-    if vocab_size < 256 + len(special_tokens):
+    specials = list(Tokenizer(_BYTES, special_tokens, pattern).special_tokens)  # checks names, pattern first
+    n_special = len(specials)
+    if vocab_size < 256 + n_special:
         raise ValueError(f"train_bpe: vocab_size={vocab_size!r} is too small: it must be at least 256 "
-                         f"(bytes) + {len(special_tokens)} (special tokens) = {256 + len(special_tokens)}")
-    try:
-        regex.compile(pattern)
-    except regex.error as e:
-        raise ValueError(f"train_bpe: pattern {pattern!r} is not a valid regex ({e})") from None
+                         f"(bytes) + {n_special} (special tokens) = {256 + n_special}")
     if files is not None:
         text = (read_text_file(f) for f in ([files] if isinstance(files, (str, os.PathLike)) else files))
-    counts = count_pretokens([text] if isinstance(text, str) else text, pattern, special_tokens)
+    counts = count_pretokens([text] if isinstance(text, str) else text, pattern, specials)
     if not counts:
         raise ValueError("train_bpe: the corpus is empty (no text outside special tokens)")
-    n_merges = vocab_size - 256 - len(special_tokens)
+    n_merges = vocab_size - 256 - n_special
     vocab = learn_merges_naive(counts, n_merges) if naive else learn_merges(counts, n_merges, progress)
     if len(vocab) - 256 < n_merges:
         warnings.warn(f"train_bpe: the corpus ran out of pairs after {len(vocab) - 256} merges; "
-                      f"vocab_size is {len(vocab) + len(special_tokens)}, not {vocab_size}", stacklevel=2)
-    return Tokenizer({tok: i for i, tok in enumerate(vocab)}, special_tokens, pattern=pattern, name=name)
+                      f"vocab_size is {len(vocab) + n_special}, not {vocab_size}", stacklevel=2)
+    return Tokenizer({tok: i for i, tok in enumerate(vocab)}, specials, pattern=pattern, name=name)

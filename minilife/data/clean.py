@@ -228,36 +228,31 @@ PII_PATTERNS = {
 MASKS = {"email": "<EMAIL>", "phone": "<PHONE>", "ip": "<IP>"}
 
 
-def _mask(kind: str, text: str, where: str) -> tuple[str, int]:
-    return PII_PATTERNS[kind].subn(MASKS[kind], check_text(text, f"{where}: text"))
-
-
 def mask_emails(text: str) -> tuple[str, int]:
-    """Replace every e-mail address by ``<EMAIL>`` -> (masked text, count)."""
-    return _mask("email", text, "mask_emails")
+    """Every e-mail address replaced by ``<EMAIL>`` -> (masked text, count)."""
+    return PII_PATTERNS["email"].subn(MASKS["email"], check_text(text, "mask_emails: text"))
 
 
 def mask_ips(text: str) -> tuple[str, int]:
-    """Replace every IPv4 address by ``<IP>`` -> (masked text, count)."""
-    return _mask("ip", text, "mask_ips")
+    """Every IPv4 address replaced by ``<IP>`` -> (masked text, count)."""
+    return PII_PATTERNS["ip"].subn(MASKS["ip"], check_text(text, "mask_ips: text"))
 
 
 def mask_phones(text: str) -> tuple[str, int]:
-    """Replace every phone number by ``<PHONE>`` -> (masked text, count). Alone it can read digits inside an
-    e-mail address as a number (``2025550147@mail.example``); ``mask_pii`` masks addresses first."""
-    return _mask("phone", text, "mask_phones")
+    """Every phone number replaced by ``<PHONE>`` -> (masked text, count). Alone it reads the digits of
+    ``2025550147@mail.example`` as a number; ``mask_pii`` masks the addresses first."""
+    return PII_PATTERNS["phone"].subn(MASKS["phone"], check_text(text, "mask_phones: text"))
 
 
 MASKERS = {"email": mask_emails, "ip": mask_ips, "phone": mask_phones}  # in the order mask_pii applies them
 
 
 def find_pii(text: str) -> dict[str, list[str]]:
-    """The PII strings in ``text`` by kind, in order, found in ``MASKERS`` order on the text masked so far
-    (so an address or an IP is never read as a phone number)."""
-    found: dict[str, list[str]] = {}
-    check_text(text, "find_pii: text")
+    """The PII strings in ``text`` by kind, in order; each kind is sought in the text with the kinds
+    before it in ``MASKERS`` already masked (so an address or an IP is never read as a phone number)."""
+    found = {}
     for kind, mask in MASKERS.items():
-        found[kind] = [m.group(0) for m in PII_PATTERNS[kind].finditer(text)]
+        found[kind] = [m.group(0) for m in PII_PATTERNS[kind].finditer(check_text(text, "find_pii: text"))]
         text, _ = mask(text)
     return found
 
@@ -265,7 +260,6 @@ def find_pii(text: str) -> dict[str, list[str]]:
 def mask_pii(text: str) -> tuple[str, dict[str, int]]:
     """Every e-mail, IPv4 address and phone number masked, kind by kind -> (masked text, count per kind)."""
     counts = {}
-    check_text(text, "mask_pii: text")
     for kind, mask in MASKERS.items():
-        text, counts[kind] = mask(text)
+        text, counts[kind] = mask(check_text(text, "mask_pii: text"))
     return text, counts

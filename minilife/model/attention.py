@@ -6,8 +6,8 @@ What it implements (Vaswani et al. 2017, "Attention Is All You Need", eq. 1):
   and the one to step through in a debugger).
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels when available).
 - ``triton``: ``minilife.kernels.flash_attention.flash_attention`` (imported lazily, only when
-  chosen). It handles plain "causal" and "full" attention without dropout and without a KV cache;
-  custom boolean masks, prefix-LM masks, KV-cache decoding and attention dropout fall back to sdpa.
+  chosen). It handles plain "causal" and "full" attention without dropout; custom boolean masks,
+  prefix-LM and padding masks, KV-cache decoding steps and attention dropout fall back to sdpa.
 - Masks: "causal" (token i sees j <= i), "full" (bidirectional, for masked LM), a boolean (B, T, T)
   tensor (True = may attend), or ``prefix_lengths`` (B,) for a prefix LM (Raffel et al. 2020, T5
   sec. 3.2.1): bidirectional over the first p_b tokens, causal after, i.e. allowed = (j <= i) | (j < p_b).
@@ -144,15 +144,11 @@ class KVCache:
         self.v = torch.zeros_like(self.k)
         self.length = 0
 
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[2]
-
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k_new, v_new: (B, H, T, D). Returns k, v: (B, H, length + T, D)."""
         t = k_new.shape[2]
-        if self.length + t > self.max_len:
-            raise ValueError(f"KV cache overflow: {self.length} cached + {t} new > capacity {self.max_len}")
+        if self.length + t > self.k.shape[2]:
+            raise ValueError(f"KV cache overflow: {self.length} cached + {t} new > capacity {self.k.shape[2]}")
         self.k[:, :, self.length:self.length + t] = k_new
         self.v[:, :, self.length:self.length + t] = v_new
         self.length += t
@@ -184,13 +180,10 @@ class CausalSelfAttention(nn.Module):
         qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)  # (B, T, 3, H, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
+        if cache is not None:  # the T queries are the last of the L + T keys
             k, v = cache.append(k, v)  # (B, H, L + T, D)
-            if isinstance(mask, str) and mask == "causal" and k.shape[2] > T:  # the T queries sit at the end:
-                mask = "full" if T == 1 else causal_mask(T, k.shape[2], x.device)  # one sees all, more need offsets
-            impl = "math" if self.attn_impl == "math" else "sdpa"  # triton: fallback to sdpa
-        else:
-            impl = self.attn_impl
-        y = attend(q, k, v, mask, impl, self.dropout, self.training)  # (B, H, T, D)
+            if isinstance(mask, str) and mask == "causal" and k.shape[2] > T:
+                mask = causal_mask(T, k.shape[2], x.device)  # (T, L + T); a tensor mask: triton falls back
+        y = attend(q, k, v, mask, self.attn_impl, self.dropout, self.training)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, H, T, D) -> (B, T, C)
         return self.resid_dropout(self.proj(y))

@@ -58,23 +58,15 @@ class RMSNorm(nn.Module):
 # rotary position embeddings
 
 
-def rope_frequencies(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
-    """The D/2 rotation frequencies theta^(-2i/D), i = 0..D/2-1, in float64. Returns (D/2,)."""
-    if head_dim % 2:
-        raise ValueError(f"RoPE needs an even head dimension, got head_dim={head_dim}")
-    i = torch.arange(head_dim // 2, dtype=torch.float64)
-    return theta ** (-2.0 * i / head_dim)
-
-
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0,
                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles for integer ``positions`` (any shape P, e.g. (T,) or (B, T)).
-
-    Angles are formed in float64 (pos * freq loses precision in float32 for large positions) and the
-    results cast to ``dtype``. Returns cos, sin of shape (*P, D/2).
-    """
-    freqs = rope_frequencies(head_dim, theta).to(positions.device)  # (D/2,)
-    angles = positions.to(torch.float64).unsqueeze(-1) * freqs  # (*P, D/2)
+    """cos and sin of the angles pos * theta^(-2i/D), i = 0..D/2-1, for integer ``positions`` (any shape
+    P, e.g. (T,) or (B, T)). Formed in float64 (pos * freq loses precision in float32 for large
+    positions), then cast to ``dtype``. Returns cos, sin of shape (*P, D/2)."""
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head dimension, got head_dim={head_dim}")
+    freqs = theta ** (-2.0 * torch.arange(head_dim // 2, dtype=torch.float64) / head_dim)  # (D/2,)
+    angles = positions.to(torch.float64).unsqueeze(-1) * freqs.to(positions.device)  # (*P, D/2)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -97,9 +89,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class RotaryEmbedding(nn.Module):
     """cos/sin table for positions 0..max_positions-1: ``forward(positions)`` with integer positions
-    (T,) or (B, T), each in [0, max_positions), returns cos, sin of shape (T, D/2) or (B, T, D/2), ready
-    for ``apply_rope``. The table is a non-persistent buffer (recomputed, not saved in checkpoints)
-    that follows the module's ``.to(device)``; indexing it needs no device sync."""
+    (T,) or (B, T), each in [0, max_positions), or a slice (a view, no copy), returns cos, sin of shape
+    (T, D/2) or (B, T, D/2), ready for ``apply_rope``. The table is a non-persistent buffer (recomputed,
+    not saved in checkpoints) that follows the module's ``.to(device)``; indexing it needs no device sync."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float = 10000.0):
         super().__init__()
@@ -107,7 +99,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_cached", cos, persistent=False)
         self.register_buffer("sin_cached", sin, persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cos_cached[positions], self.sin_cached[positions]
 
 

@@ -24,6 +24,8 @@ from typing import Sequence
 
 import torch
 
+from minilife.model.layers import check_tensor
+
 
 @dataclass
 class ObjectiveBatch:
@@ -35,12 +37,10 @@ class ObjectiveBatch:
     attention: dict = field(default_factory=dict)
 
 
-def _check_tokens(tokens: torch.Tensor, min_len: int, name: str = "tokens") -> None:
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point:
-        raise ValueError(f"{name} must be an integer (B, T) tensor, got "
-                         f"{getattr(tokens, 'dtype', type(tokens).__name__)} {tuple(getattr(tokens, 'shape', ()))}")
+def _check_tokens(tokens: torch.Tensor, min_len: int) -> None:
+    check_tensor(tokens, "tokens", ("B", "T"))
     if tokens.shape[1] < min_len:
-        raise ValueError(f"{name} needs at least {min_len} positions per row, got T={tokens.shape[1]}")
+        raise ValueError(f"tokens needs at least {min_len} positions per row, got T={tokens.shape[1]}")
 
 
 def causal_lm_batch(tokens: torch.Tensor) -> ObjectiveBatch:

@@ -10,17 +10,15 @@ What it implements
 - ``forward(idx, targets)`` -> (logits, loss). Loss: ``F.cross_entropy`` (loss_impl "torch"), the
   Triton cross-entropy kernel ("triton") or the fused linear + cross-entropy kernel ("fused", which
   never materialises the (N, V) logits, so it returns logits=None when targets are given). Every
-  projection is called as a module (``self.lm_head(h)``), so a wrapper such as LoRA is honoured on
-  every path; "fused" reads lm_head.weight and so refuses anything but a plain nn.Linear head.
-- Masks for the three objectives of ``minilife.model.objectives``: causal, full, prefix LM, or any
-  boolean (B, T, T) mask (see ``minilife.model.attention``), each combined with an optional padding
-  mask (B, T); RoPE positions per row, by default counting each row's real tokens from 0.
+  projection is called as a module, so a wrapper (LoRA) is honoured on every path; "fused" reads
+  lm_head.weight and so refuses any head but a plain nn.Linear.
+- Masks for the three objectives of ``minilife.model.objectives`` (causal, full, prefix LM, any boolean
+  (B, T, T) mask; see ``minilife.model.attention``), each combined with an optional padding mask (B, T);
+  RoPE positions per row, by default counting each row's real tokens from 0.
 - Activation (gradient) checkpointing of each block with ``torch.utils.checkpoint``
   (use_reentrant=False): activations inside a block are recomputed in the backward pass.
-- ``generate``: a batch of prompts of different lengths (left-padded), per-row stop ids,
-  temperature (0 = greedy), top-k, a preallocated KV cache, a seedable generator -> ``Generation``.
-- Loading a state dict whose embedding tying differs from the model's raises (instead of silently
-  overwriting the embedding with the head).
+- ``generate``: a batch of prompts of any lengths, per-row stop ids, temperature (0 = greedy), top-k,
+  a preallocated KV cache, a seedable generator. Weights tied differently from the model are refused.
 
 What it leaves out: biases, learned position tables, mixture of experts, grouped-query attention,
 weight-tying variants, beam search / nucleus sampling.
@@ -112,13 +110,10 @@ PRESETS = {
 
 
 class Generation(NamedTuple):
-    """What ``GPT.generate`` returns; every field is (B, T0 + N) for T0 prompt columns and N steps.
-
-    tokens: long, the (padded) prompts then the generated ids (pad_id once a row has stopped).
-    completion_mask: bool, True exactly at the generated tokens that count (a row's stop id included,
-    what follows it excluded). prompt_mask: bool, True at the real prompt tokens. ``padding_mask``
-    (their union) is what to pass back to the model to score the sequences.
-    """
+    """What ``GPT.generate`` returns, each (B, T0 + N): tokens (long), the padded prompts then the new
+    ids (pad_id after a row's stop); completion_mask (bool), True exactly at the new tokens that count
+    (the stop id included); prompt_mask (bool), True at real prompt tokens. ``padding_mask`` (their
+    union) is what to pass back to the model to score the sequences."""
 
     tokens: torch.Tensor
     completion_mask: torch.Tensor
@@ -204,7 +199,7 @@ class GPT(nn.Module):
                              f"crop the input to at most {T_max} tokens")
         mask = build_attention_mask(attn_mask, prefix_lengths, B, T, idx.device, padding_mask, past=L)
         if positions is None and padding_mask is None:
-            positions = torch.arange(L, L + T, device=idx.device)  # (T,)
+            positions = slice(L, L + T)  # T contiguous positions: a view of the RoPE table, no copy
         elif positions is None:
             positions = (padding_mask.long().cumsum(1)[:, L:] - 1).clamp(min=0).to(idx.device)  # (B, T)
         else:
@@ -272,25 +267,22 @@ class GPT(nn.Module):
                  use_cache: bool = True, generator: torch.Generator | None = None, *,
                  padding_mask: torch.Tensor | None = None, eos_id: int | Sequence[int] | None = None,
                  pad_id: int = 0) -> Generation:
-        """Sample up to ``max_new_tokens`` tokens after each prompt.
+        """Sample up to ``max_new_tokens`` tokens after each prompt -> ``Generation``, (B, T0 + N) each.
 
-        prompts: a list of token-id lists (left-padded here with ``pad_id``) or a (B, T0) long tensor
-        with an optional bool ``padding_mask`` (B, T0) (True = real token; the last column real). A row
-        stops after emitting a stop id (``eos_id``: an int or a list); it then emits pad_id, masked out,
-        and decoding ends once every row has stopped. temperature 0 = greedy (argmax); top_k keeps the k
-        most likely tokens before sampling; ``generator`` (on any device) makes sampling reproducible.
-        Runs in eval mode (dropout off), restoring the mode after. Without a cache the input is cropped
-        to the last context_length tokens each step (a sliding window); with a cache, once the window is
-        full, decoding continues the same way without it, so both paths give the same tokens.
-        Returns a ``Generation`` of (B, T0 + N) tensors, N <= max_new_tokens.
+        prompts: token-id lists (left-padded here with ``pad_id``) or a (B, T0) long tensor with an optional
+        bool ``padding_mask`` (True = real token; left padding). A row stops after a stop id (``eos_id``:
+        an int or a list), then emits pad_id, masked out; decoding ends once every row has stopped.
+        temperature 0 = greedy; top_k keeps the k most likely tokens; ``generator`` (any device) makes
+        sampling reproducible. Runs in eval mode, restoring the mode after. Without a cache the input is
+        cropped to the last context_length tokens each step (a sliding window); with a cache, once the
+        window is full, decoding continues the same way without it, so both paths give the same tokens.
         """
         if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k <= 0):
             raise ValueError(f"need max_new_tokens >= 0, temperature >= 0 (0 = greedy) and top_k None or > 0, "
                              f"got {max_new_tokens}, {temperature}, {top_k}")
         device = next(self.parameters()).device
         if isinstance(prompts, torch.Tensor):
-            idx = prompts.to(device)
-            keep = torch.ones_like(idx, dtype=torch.bool) if padding_mask is None else padding_mask.to(device)
+            idx, keep = prompts, torch.ones_like(prompts, dtype=torch.bool) if padding_mask is None else padding_mask
         else:  # left-pad: every row's last prompt token sits in the last column
             if padding_mask is not None:
                 raise ValueError("padding_mask goes with a (B, T0) tensor of prompts; lists are padded here")
@@ -299,6 +291,7 @@ class GPT(nn.Module):
             keep = torch.tensor([[False] * (T0 - len(p)) + [True] * len(p) for p in prompts], device=device)
         check_tensor(idx, "prompts", ("B", "T0"))
         check_tensor(keep, "padding_mask", tuple(idx.shape), "bool")
+        idx, keep = idx.to(device), keep.to(device)
         if not (idx.shape[1] and bool(keep[:, -1].all())):  # the last column's logits give the first new token
             raise ValueError("generate needs non-empty, left-padded prompts: each row's last token must be real")
         was_training = self.training
@@ -313,8 +306,7 @@ class GPT(nn.Module):
         (B, T0), T_max, p = tokens.shape, self.cfg.context_length, next(self.parameters())
         caches = ([KVCache(B, self.cfg.n_head, T_max, self.cfg.head_dim, p.device, p.dtype) for _ in self.blocks]
                   if use_cache and T0 < T_max else None)
-        stop_ids = torch.tensor([] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id),
-                                dtype=torch.long, device=p.device)
+        stop_ids = torch.tensor([] if eos_id is None else eos_id, dtype=torch.long, device=p.device).reshape(-1)  # (S,)
         done = torch.zeros(B, 1, dtype=torch.bool, device=p.device)  # (B, 1): row has emitted a stop id
         for _ in range(max_new_tokens):
             if caches is not None and tokens.shape[1] <= T_max:

@@ -1,4 +1,4 @@
-"""Attention paths (math, sdpa) against a float64 formula written here, masks, gradcheck, KV cache."""
+"""Attention paths (math, sdpa) against a float64 formula written here, masks (padding too), gradcheck, KV cache."""
 import numpy as np
 import pytest
 import torch
@@ -32,7 +32,11 @@ def _masks(t):
     rng = np.random.default_rng(0)
     custom = rng.random((B, t, t)) < 0.4
     custom[:, np.arange(t), np.arange(t)] = True  # every query sees at least itself
+    real = np.ones((B, t), dtype=bool)
+    real[0, :2], real[1, -3:] = False, False  # row 0 left-padded, row 1 right-padded
     return {
+        # padded keys are never seen; a padded query sees every key (its output is don't-care, not NaN)
+        "padded": (dict(padding_mask=torch.from_numpy(real)), (tri & real[:, None, :]) | ~real[:, :, None]),
         "causal": (dict(attn_mask="causal"), np.broadcast_to(tri, (B, t, t))),
         "full": (dict(attn_mask="full"), np.ones((B, t, t), dtype=bool)),
         "prefix": (dict(prefix_lengths=torch.tensor(prefix)), allowed_prefix),
@@ -41,14 +45,15 @@ def _masks(t):
 
 
 @pytest.mark.parametrize("impl", ["math", "sdpa"])
-@pytest.mark.parametrize("kind", ["causal", "full", "prefix", "custom"])
+@pytest.mark.parametrize("kind", ["causal", "full", "prefix", "custom", "padded"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
 def test_paths_match_float64_formula(impl, kind, dtype, tol):
     # tol: float64 differs only by summation order (~1e-15); float32 by ~T * 2^-24 relative on O(1) outputs
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(3, B, H, T, D, generator=g, dtype=dtype)
     kwargs, allowed = _masks(T)[kind]
-    mask = build_attention_mask(kwargs.get("attn_mask"), kwargs.get("prefix_lengths"), B, T, "cpu")
+    mask = build_attention_mask(kwargs.get("attn_mask"), kwargs.get("prefix_lengths"), B, T, "cpu",
+                                kwargs.get("padding_mask"))
     out = attend(q, k, v, mask, impl)
     np.testing.assert_allclose(out.double().numpy(), _naive(q, k, v, allowed), rtol=tol, atol=tol)
 

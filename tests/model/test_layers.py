@@ -88,6 +88,8 @@ def test_rotary_table_matches_rope_cos_sin_per_row():
     assert cos.shape == (2, 3, 4)
     torch.testing.assert_close(cos, ref_cos, rtol=0, atol=0)
     torch.testing.assert_close(sin, ref_sin, rtol=0, atol=0)
+    cos, _ = rope(slice(3, 7))  # contiguous positions: a view of the table
+    torch.testing.assert_close(cos, rope_cos_sin(torch.arange(3, 7), 8)[0], rtol=0, atol=0)
     with pytest.raises(ValueError, match="even"):
         RotaryEmbedding(7, 4)
 

@@ -72,7 +72,8 @@ def test_default_positions_count_real_tokens():
     model(torch.zeros(3, 5, dtype=torch.long), padding_mask=mask)
     hook.remove()
     expected = [[0, 1, 2], [0, 1, 2], [0, 1, 2]]  # the real tokens of each row, counted from 0
-    assert [seen[0][b][mask[b]].tolist() for b in range(3)] == expected
+    positions = seen[0].expand(3, 5)  # (B, T) (a (T,) tensor if the mask were ignored)
+    assert [positions[b][mask[b]].tolist() for b in range(3)] == expected
 
 
 def test_per_row_positions_are_used_per_row(sharp64):

@@ -310,6 +310,9 @@ def test_wrapped_projections_are_honoured_on_every_path(monkeypatch):
     idx, tgt = torch.randint(0, V, (2, 2, T), generator=torch.Generator().manual_seed(6))
     ref_logits, ref_loss = merged(idx, tgt)
     assert (ref_logits - plain(idx)[0]).abs().max() > 1e-2  # the deltas matter
+    wrapped.cfg = replace(wrapped.cfg, loss_impl="fused")
+    with pytest.raises(ValueError, match="fused.*LowRankDelta.*loss_impl='torch'"):
+        wrapped(idx, tgt)
     _install_fake(monkeypatch, "minilife.kernels.cross_entropy", "cross_entropy",
                   lambda logits, targets, ignore_index=-100, reduction="mean", **_: F.cross_entropy(
                       logits, targets, ignore_index=ignore_index, reduction=reduction))
@@ -321,9 +324,6 @@ def test_wrapped_projections_are_honoured_on_every_path(monkeypatch):
     prompt = idx[:, :3]
     assert torch.equal(wrapped.generate(prompt, 5, temperature=0.0).tokens,
                        merged.generate(prompt, 5, temperature=0.0).tokens)
-    wrapped.cfg = replace(wrapped.cfg, loss_impl="fused")
-    with pytest.raises(ValueError, match="fused.*LowRankDelta.*loss_impl='torch'"):
-        wrapped(idx, tgt)
 
 
 def test_loading_weights_with_the_other_tying_raises(tmp_path):
