@@ -208,6 +208,10 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as "enforce fail at inline_container.cc"
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0][:120]
+        raise CheckpointError(f"{path}: could not be written ({reason}); is the disk full? "
+                              f"The previous checkpoint there is untouched") from None
     finally:
         tmp.unlink(missing_ok=True)  # only still there if something above raised
     _fsync_dir(path.parent)
@@ -227,17 +231,31 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def read_checkpoint(path: str | os.PathLike | BinaryIO, map_location: Any = "cpu") -> dict:
-    """Load and validate the raw checkpoint dict from a path or binary file object (weights_only=True);
-    restores nothing."""
+def verify_checkpoint(path: str | os.PathLike | BinaryIO) -> None:
+    """Raise CheckpointError unless ``path`` is a whole torch zip archive whose every member matches
+    the CRC-32 checksum the archive stores for it (flipped, lost or cut-off bytes all fail)."""
     source, path = path, _where(path)
     if isinstance(path, Path) and not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     start = None if isinstance(path, Path) else source.tell()
-    if not zipfile.is_zipfile(source):  # torch.save writes a zip; a cut-off one loses its directory
-        raise CheckpointError(f"{path}: not a torch zip archive (truncated or corrupt?)")
-    if start is not None:
-        source.seek(start)  # is_zipfile read the file object
+    try:
+        with zipfile.ZipFile(source) as archive:  # a cut-off file has lost the zip directory at its end
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a whole torch zip archive (truncated or corrupt?): {e}") from None
+    finally:
+        if start is not None:
+            source.seek(start)  # leave a file object where it was
+    if bad is not None:
+        raise CheckpointError(f"{path}: corrupt: member {bad!r} fails its CRC-32 checksum (bytes were "
+                              f"flipped or lost after it was written)")
+
+
+def read_checkpoint(path: str | os.PathLike | BinaryIO, map_location: Any = "cpu") -> dict:
+    """Load and validate the raw checkpoint dict from a path or binary file object (weights_only=True);
+    restores nothing."""
+    source, path = path, _where(path)
+    verify_checkpoint(source)
     try:
         ckpt = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as e:  # a damaged member, or a pickled object weights_only refuses
@@ -317,6 +335,19 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
         return found[-1][1]
     last = Path(directory) / "last.pt"
     return last if last.is_file() else None
+
+
+def latest_intact_checkpoint(directory: str | os.PathLike) -> tuple[Path | None, list[str]]:
+    """(the newest numbered checkpoint that passes ``verify_checkpoint``, or None; one message per
+    newer checkpoint skipped as damaged). ``last.pt`` links the newest file, so it shares its fate."""
+    skipped = []
+    for _, path in reversed(list_checkpoints(directory)):
+        try:
+            verify_checkpoint(path)
+            return path, skipped
+        except CheckpointError as e:
+            skipped.append(str(e))
+    return None, skipped
 
 
 def prune_checkpoints(directory: str | os.PathLike, keep_last: int) -> list[Path]:

@@ -9,7 +9,8 @@ What it implements
   ``--x/--no-x``, ``Literal`` as choices, help showing the real default and smoke value) and
   ``make_config`` builds the dataclass (smoke values for every field not given). ``check_flags``
   is the shared bound check; ``start_run`` sets threads, seeds, device and the output dir.
-- ``run_dir``: ``runs/<chapter>/`` (created), overridable with ``--out``/``MINILIFE_RUNS``.
+- ``chapter_dir``: ``runs/<chapter>/`` (created), overridable with ``--out``/``MINILIFE_RUNS``;
+  ``UsageError``: what a chapter's command turns into exit code 2 (``minilife.runs.cli``).
 - ``MetricsLogger``: one JSON object per line, flushed as it goes, so a crash keeps what was logged.
 - ``write_json_atomic``: temp file + rename, so a summary is either the old one or the new one.
 - ``plot_lines``: the one plotting helper chapters share (matplotlib, Agg backend, PNG out).
@@ -33,6 +34,10 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+class UsageError(ValueError):
+    """The user asked for something impossible (a flag value, a device, an output path): exit code 2."""
+
+
 # --------------------------------------------------------------------------------------------
 # device and seeding
 
@@ -52,15 +57,15 @@ def pick_device(name: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine (try --device cpu)")
+        raise UsageError(f"--device {name}: CUDA is not available on this machine (try --device cpu)")
     if name == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
-            raise ValueError("--device mps: MPS is not available on this machine (try --device cpu)")
+            raise UsageError("--device mps: MPS is not available on this machine (try --device cpu)")
     try:
         return torch.device(name)
     except RuntimeError as e:
-        raise ValueError(f"--device {name}: not a device torch knows ({e})") from None
+        raise UsageError(f"--device {name}: not a device torch knows ({e})") from None
 
 
 def seed_everything(seed: int) -> None:
@@ -93,6 +98,7 @@ class RunConfig:
     out: Optional[str] = cli_field(None, "output dir (default runs/<chapter>/, or runs/<chapter>-smoke/ with --smoke)")
     threads: int = cli_field(0, "torch intra-op threads; 0 keeps torch's default (tiny models often run "
                                 "faster on 1 thread on a shared machine)")
+    debug: bool = cli_field(False, "on an error, show the full traceback instead of one line")
 
     def __post_init__(self):
         if not self.threads >= 0:
@@ -191,22 +197,17 @@ def start_run(chapter: str, cfg: Any) -> tuple[Path, torch.device]:
 # run directories, metrics, summaries
 
 
-def run_dir(chapter: str, root: str | os.PathLike | None = None) -> Path:
-    """``<root>/<chapter>/``, created. ``root`` defaults to $MINILIFE_RUNS or ``runs``."""
-    base = Path(root if root is not None else os.environ.get("MINILIFE_RUNS", "runs"))
-    path = base / chapter
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def chapter_dir(chapter: str, smoke: bool = False, out: str | os.PathLike | None = None) -> Path:
-    """Where a chapter writes: ``out`` if given, else ``runs/<chapter>/`` (``runs/<chapter>-smoke/``
-    for ``--smoke`` runs, so a CI-sized run never overwrites or is mistaken for the real artifacts)."""
-    if out is not None:
-        path = Path(out)
+    """Where a chapter writes, created: ``out`` if given, else ``$MINILIFE_RUNS/<chapter>/`` (default
+    root ``runs``; ``<chapter>-smoke/`` for ``--smoke`` runs, so a CI-sized run never overwrites or is
+    mistaken for the real artifacts). A path that cannot be a directory is a UsageError naming it."""
+    path = Path(out) if out is not None else (Path(os.environ.get("MINILIFE_RUNS", "runs"))
+                                              / (chapter + ("-smoke" if smoke else "")))
+    try:
         path.mkdir(parents=True, exist_ok=True)
-        return path
-    return run_dir(chapter + ("-smoke" if smoke else ""))
+    except OSError as e:
+        raise UsageError(f"--out {path}: cannot create the output directory ({e.strerror or e})") from None
+    return path
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
@@ -265,6 +266,28 @@ class MetricsLogger:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def read_jsonl_lines(path: str | os.PathLike) -> tuple[list[dict], list[int]]:
+    """(rows of the JSON lines that parse, 1-based numbers of the lines that do not)."""
+    rows, bad = [], []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for i, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    bad.append(i)
+    return rows, bad
+
+
+def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Write ``rows`` as JSON lines via a temp file + rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, default=_json_default) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -43,6 +43,7 @@ from minilife import budget
 from minilife.budget import GB, MemoryOptions, memory_bill
 from minilife.common import (MetricsLogger, RunConfig, check_flags, cli_field, config_from_args, fmt_count,
                              markdown_table, start_run, write_json_atomic)
+from minilife.runs import cli
 from minilife.model.transformer import GPT, PRESETS, ModelConfig
 from minilife.optim.adamw import AdamW
 
@@ -350,4 +351,4 @@ def plot_bills(path, bills: dict, variants: list, precision: str):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main, CHAPTER)

@@ -46,6 +46,7 @@ import numpy as np
 
 from minilife.common import (MetricsLogger, RunConfig, cli_field, config_from_args, fmt_count, plot_lines, start_run,
                              write_json_atomic)
+from minilife.runs import cli
 from minilife.data import clean, lsh, minhash
 from minilife.data.world import SOURCES, WorldConfig, make_wiki, world_stats
 
@@ -366,4 +367,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main, CHAPTER)

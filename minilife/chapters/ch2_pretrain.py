@@ -52,9 +52,11 @@ import torch
 from tqdm import tqdm
 
 from minilife.artifacts import ensure_data, load_token_data
-from minilife.checkpoint import CheckpointError, check_finite, latest_checkpoint, load_checkpoint, save_rotating
-from minilife.common import (MetricsLogger, RunConfig, check_flags, cli_field, config_from_args, fmt_count, plot_lines,
-                             read_jsonl, start_run, write_json_atomic)
+from minilife.checkpoint import CheckpointError, check_finite, latest_intact_checkpoint, load_checkpoint, save_rotating
+from minilife.common import (MetricsLogger, check_flags, cli_field, config_from_args, fmt_count, plot_lines, read_jsonl,
+                             start_run, write_json_atomic)
+from minilife.runs import (InterruptGuard, ResumableConfig, RunInterrupted, check_resume_config, cli, prepare_run_dir,
+                           resume_metrics)
 from minilife.model.transformer import GPT, PRESETS, ModelConfig
 from minilife.optim.adamw import AdamW
 from minilife.optim.clip import clip_grad_norm
@@ -63,10 +65,13 @@ from minilife.train import (IGNORE_INDEX, BatchSource, autocast_context, evaluat
                             unigram_entropy)
 
 CHAPTER = "ch2_pretrain"
+# flags that say where and how to run, not what is trained: a resumed run may change them freely
+NOT_THE_RUN = ("smoke", "out", "threads", "debug", "device", "data_dir", "resume", "overwrite", "allow_change",
+               "plots", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints", "prompt", "sample_tokens")
 
 
 @dataclass
-class PretrainConfig(RunConfig):
+class PretrainConfig(ResumableConfig):
     """Pretrain the tiny GPT on the world's wiki: loss falling, val perplexity vs the unigram baseline."""
     seed: int = cli_field(1337, "seed for init, data order, dropout and masking")
     device: str = cli_field("auto", "auto | cpu | cuda | mps")
@@ -99,7 +104,6 @@ class PretrainConfig(RunConfig):
     prompt: str = cli_field("From:", "prompt for sample generations")
     sample_tokens: int = cli_field(48, "tokens to generate per sample (at each evaluation and at the end)")
     plots: bool = cli_field(True, "write loss / LR / grad-norm PNGs at the end")
-    resume: bool = cli_field(False, "continue from the run dir's last checkpoint")
 
     def __post_init__(self):
         super().__post_init__()
@@ -149,9 +153,7 @@ def main(argv: list[str] | None = None, *, hook: Callable[[int, GPT], None] | No
     raise (a crash) or poison the weights (a blow-up); it is not a flag a reader has to know."""
     cfg: PretrainConfig = config_from_args(PretrainConfig, argv, prog=f"python -m minilife.chapters.{CHAPTER}")
     out, device = start_run(CHAPTER, cfg)
-    if cfg.resume and latest_checkpoint(out) is None:
-        raise CheckpointError(f"--resume: no checkpoint in {out} (ckpt_step*.pt / last.pt); "
-                              f"run without --resume to start fresh")
+    prepare_run_dir(out, resume=cfg.resume, overwrite=cfg.overwrite)  # one run per directory
 
     # 1. data and tokenizer
     data_dir = ensure_data(cfg.smoke, cfg.data_dir)
@@ -180,18 +182,25 @@ def main(argv: list[str] | None = None, *, hook: Callable[[int, GPT], None] | No
           f"{unigram:.3f} nats (ppl {math.exp(unigram):.1f}): a model must use context to go below it")
 
     # 3. resume: weights, AdamW moments, RNG states and the data position
-    start_step, last_good = 0, None
+    start_step, last_good, notes = 0, None, []
     if cfg.resume:
-        last_good = latest_checkpoint(out)
+        last_good, notes = latest_intact_checkpoint(out)  # a damaged newest file falls back to an older one
+        if last_good is None:
+            raise CheckpointError(f"--resume: no intact checkpoint in {out}: {'; '.join(notes) or 'none saved'}")
         state = load_checkpoint(last_good, model=model, optimizer=optimizer, config=identity, restore_rng=True,
                                 map_location=device)
         start_step = state["step"]
+        notes += check_resume_config(state["extra"]["train"], dataclasses.asdict(cfg), source=last_good,
+                                     ignore=NOT_THE_RUN, allowed=cfg.allow_change)
+        if state["extra"]["tokenizer_state"] != tokenizer.state():
+            raise CheckpointError(f"{last_good}: was trained with another tokenizer than {data_dir}'s")
         if state["data_state"].get("micro_batches") != start_step * cfg.grad_accum:
             raise CheckpointError(f"{last_good}: data position {state['data_state'].get('micro_batches')} does not "
-                                  f"match step {start_step} x grad_accum {cfg.grad_accum}; was --grad-accum changed?")
+                                  f"match step {start_step} x grad_accum {cfg.grad_accum}")
+        notes.append(resume_metrics(out / "metrics.jsonl", start_step)[1])  # rows after the checkpoint are dropped
         print(f"[{CHAPTER}] resumed from {last_good} at step {start_step}")
-    elif latest_checkpoint(out) is not None:
-        print(f"[{CHAPTER}] note: {out} holds checkpoints of an earlier run; starting fresh (use --resume to continue)")
+    for note in filter(None, notes):
+        print(f"[{CHAPTER}] note: {note}")
 
     def save(step: int) -> Path:  # portable: the model config and the tokenizer travel with the weights
         return save_rotating(out, step=step, keep_last=cfg.keep_checkpoints, model=model, optimizer=optimizer,
@@ -199,16 +208,12 @@ def main(argv: list[str] | None = None, *, hook: Callable[[int, GPT], None] | No
                              extra={"train": dataclasses.asdict(cfg), "tokenizer_state": tokenizer.state(),
                                     "finished": step >= cfg.max_steps})
 
-    # 4. the loop (a resumed run keeps its log up to the checkpoint; later rows were lost with the crash)
+    # 4. the loop; Ctrl-C finishes the step in flight, then saves (InterruptGuard)
     model.train()
-    kept = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r and r["step"] <= start_step] if cfg.resume else []
-    logger = MetricsLogger(out / "metrics.jsonl")
-    for r in kept:
-        logger.log(**r)
-    val_loss, train_time, trained_tokens = float("nan"), 0.0, 0
-    bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc=CHAPTER,
-               mininterval=1.0, disable=None)
-    try:
+    val_loss, train_time, trained_tokens, done = float("nan"), 0.0, 0, start_step
+    with InterruptGuard() as interrupt, MetricsLogger(out / "metrics.jsonl", resume=cfg.resume) as logger, \
+            tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc=CHAPTER,
+                 mininterval=1.0, disable=None) as bar:
         for step in bar:
             if hook is not None:
                 hook(step, model)
@@ -250,11 +255,11 @@ def main(argv: list[str] | None = None, *, hook: Callable[[int, GPT], None] | No
                     tqdm.write(f"           sample: {row['sample']!r}")
             logger.log(**row)
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-            if done % cfg.ckpt_every == 0 or done == cfg.max_steps:
+            if done % cfg.ckpt_every == 0 or done == cfg.max_steps or interrupt.requested:
                 last_good = save(done)
-    finally:
-        bar.close()
-        logger.close()
+            if interrupt.requested:
+                break
+    finished = done >= cfg.max_steps
 
     # 5. plots, samples and summary (from the whole metrics log, so a resumed run plots all of it)
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
@@ -269,8 +274,8 @@ def main(argv: list[str] | None = None, *, hook: Callable[[int, GPT], None] | No
     if vals:
         val_loss = vals[-1]["val_loss"]
     summary = {
-        "chapter": CHAPTER, "objective": cfg.objective, "steps": cfg.max_steps, "max_steps": cfg.max_steps,
-        "finished": True, "first_loss": rows[0]["loss"] if rows else None,
+        "chapter": CHAPTER, "objective": cfg.objective, "steps": done, "max_steps": cfg.max_steps,
+        "finished": finished, "first_loss": rows[0]["loss"] if rows else None,
         "last_loss": rows[-1]["loss"] if rows else None, "val_loss": val_loss,
         "val_ppl": math.exp(val_loss) if math.isfinite(val_loss) else None,
         "unigram_entropy": unigram, "uniform_entropy": uniform,
@@ -285,11 +290,11 @@ def main(argv: list[str] | None = None, *, hook: Callable[[int, GPT], None] | No
         print(f"[{CHAPTER}] val loss {val_loss:.3f} vs unigram {unigram:.3f} -> "
               f"{'beats' if summary['beats_unigram'] else 'does NOT beat'} the context-free baseline")
     print(f"[{CHAPTER}] wrote {out}")
+    if not finished:
+        raise RunInterrupted(f"interrupted after step {done} of {cfg.max_steps}; saved {last_good} and the summary. "
+                             f"Continue with: python -m minilife.chapters.{CHAPTER} --out {out} --resume")
     return summary
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FloatingPointError, CheckpointError) as err:
-        raise SystemExit(f"[{CHAPTER}] error: {err}")
+    cli(main, CHAPTER)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from minilife.artifacts import ensure_data, load_token_data
 from minilife.common import (MetricsLogger, RunConfig, check_flags, cli_field, config_from_args, plot_lines, start_run,
                              write_json_atomic)
+from minilife.runs import cli
 from minilife.model.objectives import ObjectiveBatch
 from minilife.model.transformer import GPT, PRESETS, ModelConfig
 from minilife.train import IGNORE_INDEX, BatchSource, batch_loss_sum, n_targets
@@ -240,4 +241,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main, CHAPTER)

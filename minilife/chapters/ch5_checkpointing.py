@@ -44,6 +44,7 @@ from minilife.artifacts import ensure_data, load_token_data
 from minilife.checkpoint import load_checkpoint, save_checkpoint
 from minilife.common import (MetricsLogger, RunConfig, check_flags, cli_field, config_from_args, fmt_count,
                              seed_everything, start_run, write_json_atomic)
+from minilife.runs import cli
 from minilife.measure import LiveTensorBytes
 from minilife.model.transformer import GPT, PRESETS, ModelConfig
 from minilife.optim.adamw import AdamW
@@ -262,4 +263,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main, CHAPTER)

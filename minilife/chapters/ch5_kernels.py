@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 from minilife.common import (MetricsLogger, RunConfig, check_flags, cli_field, config_from_args, markdown_table,
                              plot_lines, start_run, write_json_atomic)
+from minilife.runs import cli
 from minilife.kernels import interpreting, triton_available
 from minilife.kernels.cross_entropy import cross_entropy
 from minilife.kernels.flash_attention import flash_attention
@@ -327,4 +328,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main, CHAPTER)

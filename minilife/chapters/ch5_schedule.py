@@ -39,6 +39,7 @@ from typing import Callable, Optional
 from minilife.artifacts import ensure_data, load_token_data
 from minilife.common import (MetricsLogger, RunConfig, check_flags, cli_field, config_from_args, plot_lines,
                              seed_everything, start_run, write_json_atomic)
+from minilife.runs import cli
 from minilife.model.transformer import GPT, PRESETS, ModelConfig
 from minilife.optim.adamw import AdamW
 from minilife.optim.clip import clip_grad_norm
@@ -235,4 +236,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main, CHAPTER)

@@ -33,6 +33,7 @@ from typing import Sequence
 from minilife.data.company import Company
 from minilife.data.minhash import jaccard, shingles
 
+
 @dataclass
 class Document:
     """One wiki page and the truth about its dirt (every label was planted, never guessed)."""
@@ -80,11 +81,12 @@ NAV_ITEMS = ("Home", "Products", "Support", "About us", "Careers", "Contact", "B
              "Cart (0)", "Search", "Menu", "Shop", "Help centre", "Newsletter", "Press")
 
 
-def _phone(rng: random.Random) -> str:
+def _phone(rng: random.Random, n: int) -> str:
+    """The ``n``-th planted phone number: the forms take turns, so even a small world has each of them."""
     k, a = rng.randrange(100, 200), rng.choice((202, 312, 415))
-    return rng.choice((f"+1 {a} 555 0{k}", f"({a}) 555-0{k}", f"({a}) 555 0{k}", f"({a})-555-0{k}", f"{a}-555-0{k}",
-                       f"{a}.555.0{k}", f"{a}5550{k}", f"+44 20 7946 0{k}", f"020 7946 0{k}", f"+44 113 496 0{k}",
-                       f"0113 496 0{k}"))
+    forms = (f"+1 {a} 555 0{k}", f"({a}) 555-0{k}", f"({a}) 555 0{k}", f"({a})-555-0{k}", f"{a}-555-0{k}",
+             f"{a}.555.0{k}", f"{a}5550{k}", f"+44 20 7946 0{k}", f"020 7946 0{k}", f"+44 113 496 0{k}", f"0113 496 0{k}")
+    return forms[n % len(forms)]
 
 
 def _ip(rng: random.Random) -> str:
@@ -104,7 +106,7 @@ def _insert_line(text: str, line: str, rng: random.Random) -> str:
 def plant_pii(docs: Sequence[Document], company: Company, rng: random.Random, pii_rate: float,
               decoy_rate: float) -> None:
     """Give ``pii_rate`` of the docs one PII sentence and ``decoy_rate`` of them one look-alike sentence."""
-    chosen = rng.sample(range(len(docs)), round(pii_rate * len(docs)))
+    chosen, n_phones = rng.sample(range(len(docs)), round(pii_rate * len(docs))), 0
     for i in chosen:
         d, person = docs[i], rng.choice(company.people)
         kind = rng.choice(("email", "phone", "ip", "email+phone"))
@@ -115,7 +117,7 @@ def plant_pii(docs: Sequence[Document], company: Company, rng: random.Random, pi
             sentence.append(rng.choice((f"You can reach me at {email}.", f"(Write to <{email}> if you need help.)",
                                         f"Contact: {email}")))
         if "phone" in kind:
-            phone = _phone(rng)
+            phone, n_phones = _phone(rng, n_phones), n_phones + 1
             sentence.append(rng.choice((f"Call me on {phone} if it is urgent.", f"My direct line is {phone}.",
                                         f"Phone: {phone}")))
         if kind == "ip":
@@ -212,11 +214,7 @@ def edit_to_jaccard(text: str, target: float, rng: random.Random, protected: Seq
     editable = [(li, ti) for li, toks in enumerate(lines) if "".join(toks) not in protected
                 for ti in range(0, len(toks), 2) if _WORD.fullmatch(toks[ti])]
     rng.shuffle(editable)
-    ops = []
-    for li, ti in editable:
-        kind = rng.choice(("sub", "sub", "del", "ins"))
-        new = rng.choice(vocab)
-        ops.append((li, ti, kind, new))
+    ops = [(li, ti, rng.choice(("sub", "sub", "del", "ins")), rng.choice(vocab)) for li, ti in editable]
     base = shingles(text)
 
     def apply(k: int) -> tuple[str, float]:

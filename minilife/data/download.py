@@ -106,15 +106,10 @@ def download(url: str, sha256: str, cache_dir: str | os.PathLike, filename: str 
                                     f"{total} bytes; the partial file was removed")
             fh.flush()
             os.fsync(fh.fileno())
-    except DownloadError:
+    except BaseException as e:  # failed, cut short or interrupted (Ctrl-C): leave nothing half-written
         part.unlink(missing_ok=True)
-        raise
-    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-        part.unlink(missing_ok=True)
-        raise DownloadError(f"download of {url} failed after {received} bytes: {e}; "
-                            f"no file was kept") from e
-    except BaseException:  # e.g. Ctrl-C: leave nothing half-written behind
-        part.unlink(missing_ok=True)
+        if isinstance(e, (urllib.error.URLError, http.client.HTTPException, OSError)):  # not DownloadError
+            raise DownloadError(f"download of {url} failed after {received} bytes: {e}; no file was kept") from e
         raise
 
     actual = h.hexdigest()

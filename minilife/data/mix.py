@@ -45,15 +45,13 @@ def _check_mix(sizes: Mapping[str, float], weights: Mapping[str, float]) -> None
     missing = [s for s in sizes if s not in weights]
     if missing:
         raise ValueError(f"weights: no weight for source(s) {missing} (to leave a source out, remove it)")
-    for s, w in weights.items():
-        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w) or w <= 0:
-            raise ValueError(f"weights[{s!r}] = {w!r}: must be a positive finite number "
-                             "(remove the source instead of giving it weight 0)")
-    for s, n in sizes.items():
-        if isinstance(n, bool) or not isinstance(n, numbers.Real) or not math.isfinite(n) or n < 0:
-            raise ValueError(f"sizes[{s!r}] = {n!r}: must be a finite number >= 0")
-        if n == 0:
-            raise ValueError(f"source {s!r} is empty (size 0): remove it or give it data")
+    for what, table in (("weights", weights), ("sizes", sizes)):
+        for s, v in table.items():
+            if what == "sizes" and v == 0:
+                raise ValueError(f"source {s!r} is empty (size 0): remove it or give it data")
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{what}[{s!r}] = {v!r}: must be a positive finite number (to leave a source "
+                                 "out, remove it)")
 
 
 def effective_shares(sizes: Mapping[str, float], weights: Mapping[str, float]) -> dict[str, float]:

@@ -6,7 +6,9 @@ deterministic for a fixed thread count, so the comparison is bitwise (tolerance 
 blow-ups are injected through ``main``'s test hook, not through flags.
 """
 import hashlib
+import json
 import math
+import signal
 
 import pytest
 import torch
@@ -16,7 +18,8 @@ import torch.nn.functional as F
 from minilife.artifacts import ensure_pretrained, load_pretrained, load_token_data
 from minilife.chapters import ch2_pretrain as P
 from minilife.checkpoint import CheckpointError, NonFiniteLossError, load_checkpoint, read_checkpoint
-from minilife.common import read_jsonl
+from minilife.common import UsageError, read_jsonl
+from minilife.runs import RunInterrupted
 from minilife.model.transformer import GPT, ModelConfig
 from minilife.train import IGNORE_INDEX, BatchSource
 
@@ -139,15 +142,107 @@ def test_resume_is_bitwise_identical(smoke_data_dir, tmp_path):
     assert la == lb and len(la) == 8
 
 
-def test_resume_without_checkpoint_or_with_corrupt_one_is_clear(smoke_data_dir, tmp_path):
-    with pytest.raises(CheckpointError, match="no checkpoint"):
+def test_resume_without_a_run_or_with_only_corrupt_checkpoints_is_clear(smoke_data_dir, tmp_path):
+    with pytest.raises(UsageError, match="holds no run"):
         P.main(FAST + ["--data-dir", smoke_data_dir, "--out", str(tmp_path), "--resume"])
     P.main(FAST + ["--data-dir", smoke_data_dir, "--out", str(tmp_path), "--max-steps", "2", "--ckpt-every", "2",
                    "--eval-every", "2"])
     newest = tmp_path / "ckpt_step000002.pt"
     newest.write_bytes(newest.read_bytes()[:200])  # truncated, as by a crash outside our atomic save
-    with pytest.raises(CheckpointError, match="ckpt_step000002.pt"):
-        P.main(FAST + ["--data-dir", smoke_data_dir, "--out", str(tmp_path), "--max-steps", "4", "--resume"])
+    with pytest.raises(CheckpointError, match="no intact checkpoint.*ckpt_step000002.pt"):
+        P.main(FAST + ["--data-dir", smoke_data_dir, "--out", str(tmp_path), "--max-steps", "2", "--resume"])
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_one_before(smoke_data_dir, tmp_path, capsys):
+    common = FAST + ["--data-dir", smoke_data_dir, "--max-steps", "6", "--ckpt-every", "2", "--eval-every", "6",
+                     "--keep-checkpoints", "3"]
+    P.main(common + ["--out", str(tmp_path / "straight")])
+    run_until(common + ["--out", str(tmp_path / "r")], 4)
+    newest = tmp_path / "r" / "ckpt_step000004.pt"
+    newest.write_bytes(newest.read_bytes()[:-100])  # cut short (last.pt is the same file, so it is too)
+    capsys.readouterr()
+    P.main(common + ["--out", str(tmp_path / "r"), "--resume"])
+    out = capsys.readouterr().out
+    assert "ckpt_step000004.pt" in out and "resumed from" in out and "ckpt_step000002.pt" in out
+    a, b = weights(tmp_path / "straight" / "last.pt"), weights(tmp_path / "r" / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # steps 3-4 redone exactly
+
+
+def test_flipped_bytes_in_a_checkpoint_are_caught_by_its_checksums(smoke_data_dir, tmp_path):
+    common = FAST + ["--data-dir", smoke_data_dir, "--out", str(tmp_path), "--max-steps", "2", "--ckpt-every", "2",
+                     "--eval-every", "2"]
+    P.main(common)
+    path = tmp_path / "ckpt_step000002.pt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10  # one bit inside the stored tensors
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="CRC-32"):
+        P.main(common + ["--resume"])
+
+
+def test_a_fresh_run_refuses_a_used_directory_and_overwrite_clears_it(smoke_data_dir, tmp_path):
+    """The old bug: a fresh short run into a directory of a longer one kept the old run's higher-step
+    checkpoints and metrics, and --resume then continued the *old* run."""
+    common = FAST + ["--data-dir", smoke_data_dir, "--out", str(tmp_path), "--ckpt-every", "2", "--eval-every", "2"]
+    P.main(common + ["--max-steps", "6"])
+    with pytest.raises(UsageError, match="already holds a run.*--overwrite"):
+        P.main(common + ["--max-steps", "2", "--seed", "7"])
+    run_until(common + ["--max-steps", "4", "--seed", "7", "--overwrite"], 2)
+    assert sorted(p.name for p in tmp_path.glob("ckpt_step*.pt")) == ["ckpt_step000002.pt"]  # old run gone
+    s = P.main(common + ["--max-steps", "4", "--seed", "7", "--resume"])
+    rows = [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert rows == [1, 2, 3, 4] and s["steps"] == 4 and s["config"]["seed"] == 7
+
+
+def test_resume_refuses_changed_settings_unless_allowed(smoke_data_dir, tmp_path):
+    common = FAST + ["--data-dir", smoke_data_dir, "--out", str(tmp_path), "--ckpt-every", "2", "--eval-every", "2"]
+    run_until(common + ["--max-steps", "4"], 2)
+    with pytest.raises(UsageError) as e:
+        P.main(common + ["--max-steps", "4", "--resume", "--seed", "3", "--lr", "1e-3", "--batch-size", "4"])
+    for field in ("--seed", "--lr", "--batch-size"):
+        assert field in str(e.value)
+    with pytest.raises(UsageError, match="--max-steps: checkpoint 4, now 6"):
+        P.main(common + ["--max-steps", "6", "--resume", "--warmup-steps", "1"])
+    s = P.main(common + ["--max-steps", "6", "--resume", "--warmup-steps", "1", "--allow-change", "max_steps",
+                         "--eval-every", "3"])  # where output goes and how often it evaluates never count
+    assert s["steps"] == 6 and s["finished"]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_summary_and_resume_is_exact(smoke_data_dir, tmp_path):
+    common = FAST + ["--data-dir", smoke_data_dir, "--max-steps", "6", "--ckpt-every", "100", "--eval-every", "3",
+                     "--dropout", "0.1"]
+
+    def ctrl_c(step, model):
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)  # arrives mid-step: the step finishes first
+
+    with pytest.raises(RunInterrupted, match="after step 3 of 6.*--resume"):
+        P.main(common + ["--out", str(tmp_path / "r")], hook=ctrl_c)
+    assert read_checkpoint(tmp_path / "r" / "last.pt")["step"] == 3  # saved although ckpt_every is 100
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["finished"] is False
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+    P.main(common + ["--out", str(tmp_path / "r"), "--resume"])
+    P.main(common + ["--out", str(tmp_path / "straight")])
+    a, b = weights(tmp_path / "straight" / "last.pt"), weights(tmp_path / "r" / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("damage", ["torn", "deleted"])
+def test_a_damaged_metrics_log_does_not_block_resume(smoke_data_dir, tmp_path, capsys, damage):
+    common = FAST + ["--data-dir", smoke_data_dir, "--out", str(tmp_path), "--max-steps", "4", "--ckpt-every", "2",
+                     "--eval-every", "2"]
+    run_until(common, 3)  # the log holds steps 1-3, the checkpoint step 2
+    log = tmp_path / "metrics.jsonl"
+    if damage == "torn":
+        log.write_text(log.read_text() + '{"step": 4, "lo')
+    else:
+        log.unlink()
+    capsys.readouterr()
+    P.main(common + ["--resume"])
+    assert ("unreadable line" if damage == "torn" else "was missing") in capsys.readouterr().out
+    steps = [r["step"] for r in read_jsonl(log) if "loss" in r]
+    assert steps == ([1, 2, 3, 4] if damage == "torn" else [3, 4])
 
 
 def test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint(smoke_data_dir, tmp_path):

@@ -1,0 +1,144 @@
+"""Runs that survive their users: one run per directory, resume that refuses to mix runs, Ctrl-C
+that saves, a metrics log that repairs itself, and errors that fit on one line.
+
+What it implements
+- ``prepare_run_dir``: a run directory holds one run. A fresh run refuses a directory holding an
+  earlier run's files (checkpoints, metrics, summary) unless ``--overwrite``, which deletes exactly
+  those files; ``--resume`` needs them. So every file in a run directory belongs to one run.
+- ``check_resume_config``: the checkpoint stores the run's config; resuming with a different seed,
+  LR, batch size, max steps, ... is refused naming every differing field, unless the user lists
+  the fields with ``--allow-change`` (e.g. ``--allow-change max_steps`` to train longer).
+- ``resume_metrics``: the log rows up to the resumed step; a torn last line (a crash mid-write) or
+  a missing log does not block resuming from a good checkpoint: the log is repaired or restarted,
+  and the returned note says which.
+- ``InterruptGuard``: the first Ctrl-C (SIGINT) only sets a flag that the loop reads between
+  steps, so a step is never cut in half; the loop then saves a checkpoint and the summary and
+  raises ``RunInterrupted``. A second Ctrl-C stops at once.
+- ``cli``: the one entry point of every chapter. Usage errors (a bad flag, a missing device, an
+  output path under a file) end with one line and exit code 2; the project's other errors (a corrupt
+  checkpoint or tokenizer, a truncated shard, a full disk, a NaN loss) with one line naming the file
+  and exit code 1; an interrupt with the resume command and 130. ``--debug`` shows the traceback.
+
+What it leaves out: run registries and experiment trackers, multi-process (distributed) runs,
+signals other than SIGINT.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from minilife.common import RunConfig, UsageError, cli_field, read_jsonl_lines, write_jsonl_atomic
+
+RUN_FILES = ("ckpt_step*.pt", "last.pt", "metrics.jsonl", "summary.json", "*.png", ".*.tmp-*")
+
+
+@dataclass
+class ResumableConfig(RunConfig):
+    """The flags of a chapter whose run can be continued (pretraining, SFT, DPO, ...)."""
+    resume: bool = cli_field(False, "continue the run in --out from its newest intact checkpoint")
+    overwrite: bool = cli_field(False, "clear an earlier run's files from --out and start afresh")
+    allow_change: list[str] = cli_field([], "with --resume: fields that may differ from the checkpoint's run "
+                                            "(e.g. max_steps to train longer)")
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run after saving; the message says how to resume."""
+
+
+def run_files(out: Path) -> list[Path]:
+    """The files in ``out`` that belong to a run (``RUN_FILES``)."""
+    return sorted({p for pattern in RUN_FILES for p in out.glob(pattern) if p.is_file()})
+
+
+def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Make ``out`` ready for a fresh run (empty of run files, or cleared with ``overwrite``) or
+    check it holds one to resume. Raises UsageError naming the directory and the way out."""
+    found = run_files(out)
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite contradict each other: continue the run or clear it")
+    if resume and not found:
+        raise UsageError(f"--resume: {out} holds no run to continue; run without --resume to start one")
+    if not resume and found:
+        if not overwrite:
+            raise UsageError(f"{out} already holds a run ({len(found)} files, e.g. {found[0].name}); "
+                             f"continue it with --resume, clear it with --overwrite, or pick another --out")
+        for p in found:
+            p.unlink()
+
+
+def check_resume_config(saved: Mapping[str, Any], given: Mapping[str, Any], *, source: Any,
+                        ignore: Iterable[str], allowed: Iterable[str] = ()) -> list[str]:
+    """Compare the checkpoint's run config with this run's. Fields in ``ignore`` (where output goes,
+    threads, ...) never count; fields in ``allowed`` may differ and are returned as notes; any other
+    difference raises UsageError naming each field with both values."""
+    skip, ok = set(ignore), set(allowed)
+    diff = [(k, saved.get(k, "<absent>"), given.get(k, "<absent>")) for k in sorted(set(saved) | set(given))
+            if k not in skip and saved.get(k, "<absent>") != given.get(k, "<absent>")]
+    refused = [d for d in diff if d[0] not in ok]
+    if refused:
+        fields = "; ".join(f"--{k.replace('_', '-')}: checkpoint {a!r}, now {b!r}" for k, a, b in refused)
+        raise UsageError(f"--resume from {source}: this run's settings differ from the checkpoint's: {fields}. "
+                         f"Resume with the same flags, or allow a change on purpose with --allow-change "
+                         f"{' '.join(k for k, _, _ in refused)}")
+    return [f"--{k.replace('_', '-')} changed from {a!r} to {b!r} (allowed)" for k, a, b in diff]
+
+
+def resume_metrics(path: Path, upto_step: int) -> tuple[list[dict], str | None]:
+    """Rows of the metrics log with step <= ``upto_step``, and a note when the log had to be repaired
+    (torn or unreadable lines dropped) or restarted (missing). The file is rewritten to those rows."""
+    if not path.is_file():
+        write_jsonl_atomic(path, [])
+        return [], f"{path.name} was missing: the log restarts at step {upto_step}"
+    rows, bad = read_jsonl_lines(path)
+    kept = [r for r in rows if r.get("step", 0) <= upto_step]
+    write_jsonl_atomic(path, kept)
+    return kept, (f"{path.name}: dropped {len(bad)} unreadable line(s) (line {', '.join(map(str, bad))}), "
+                  f"e.g. torn by a crash mid-write" if bad else None)
+
+
+class InterruptGuard:
+    """``with InterruptGuard() as stop: ... if stop.requested: break``: the first SIGINT sets the
+    flag (and says so), a second raises KeyboardInterrupt at once. The old handler comes back on exit."""
+
+    def __enter__(self) -> "InterruptGuard":
+        self.requested, self._old = False, signal.getsignal(signal.SIGINT)
+        try:
+            signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: Ctrl-C keeps its default behaviour
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\n[minilife] interrupt: finishing this step, then saving (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def cli(main: Callable[[list[str]], Any], chapter: str, argv: list[str] | None = None) -> None:
+    """Run a chapter's ``main`` as a command: one line per error, exit codes 2 (usage), 1 (other
+    errors), 130 (interrupted); ``--debug`` anywhere in the arguments shows the traceback instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        main([a for a in argv if a != "--debug"])
+    except KeyboardInterrupt as e:
+        print(f"[{chapter}] {e or 'interrupted'}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (ValueError, OSError, RuntimeError, FloatingPointError, json.JSONDecodeError) as e:
+        if debug:
+            traceback.print_exc()
+        else:
+            print(f"[{chapter}] error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+                  f"  (--debug shows the traceback)", file=sys.stderr)
+        raise SystemExit(2 if isinstance(e, UsageError) else 1) from None
