@@ -68,9 +68,11 @@ class PrecisionConfig(RunConfig):
     warm_steps: int = cli_field(30, "fp32 steps before measuring gradients", smoke=3)
     shrink_exponents: list[int] = cli_field([0, 8, 12, 16, 20], "e values: the loss is multiplied by 2^-e")
     static_scale_exponent: int = cli_field(16, "static loss scale S = 2^this")
-    train_steps: int = cli_field(40, "steps of the fp32/bf16/fp16 training comparison", smoke=6)
+    train_steps: int = cli_field(40, "steps of the fp32/bf16/fp16 training comparison", smoke=10)
     train_shrink_exponent: int = cli_field(16, "e of the training comparison (gradients 2^-e of this batch's)")
-    scaler_init_exponent: int = cli_field(40, "dynamic scaler starts at S = 2^this (too high on purpose: it must back off)")
+    scaler_init_exponent: int = cli_field(40, "dynamic scaler starts at S = 2^this (too high on purpose: it must back "
+                                              "off; the smoke run starts nearer, so its few steps show the rescue)",
+                                          smoke=36)
     scaler_growth_interval: int = cli_field(10, "good steps before the dynamic scaler doubles S")
     lr: float = cli_field(2e-3, "AdamW learning rate")
 

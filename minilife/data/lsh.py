@@ -54,8 +54,9 @@ def pick_bands_rows(threshold: float, num_perm: int, fp_weight: float = 0.5,
     pairs = [(b, r) for b in range(1, num_perm + 1) for r in range(1, num_perm // b + 1)]
     bands, rows = (np.array(v, dtype=np.float64)[:, None] for v in zip(*pairs))  # (C, 1) each
     lo, hi = np.linspace(0.0, threshold, 1001), np.linspace(threshold, 1.0, 1001)  # (G,) each
-    fp = np.trapezoid(s_curve(lo, bands, rows), lo, axis=1)  # (C,)
-    fn = np.trapezoid(1.0 - s_curve(hi, bands, rows), hi, axis=1)  # (C,)
+    trapezoid = lambda y, x: ((y[:, 1:] + y[:, :-1]) / 2 * np.diff(x)).sum(axis=1)  # noqa: E731 (numpy 1.x too)
+    fp = trapezoid(s_curve(lo, bands, rows), lo)  # (C,)
+    fn = trapezoid(1.0 - s_curve(hi, bands, rows), hi)  # (C,)
     return pairs[int(np.argmin(fp_weight * fp + fn_weight * fn))]
 
 

@@ -24,6 +24,7 @@ def test_help(capsys):
     (["--mix", "policy=abc"], "--mix: weight 'abc' of policy is not a number"),
     (["--mix", "wiki=2"], "--mix: 'wiki=2' is not SOURCE=WEIGHT"),
     (["--near-threshold", "1.5"], "--near-threshold 1.5"),
+    (["--world-kb", "100000000"], "--world-kb 100000000: must be in [5, 200000]"),  # was accepted, then silent
 ])
 def test_bad_arguments_are_usage_errors(argv, needle, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
@@ -59,7 +60,11 @@ def test_smoke_run_via_ensure_data(capfd, tmp_path):
     steps = summary["steps"]
     # smoke world, seed 0: the levels each step reaches there (measured values in the comments)
     assert steps["exact_dedup"]["precision"] == 1.0 and steps["exact_dedup"]["recall"] == 1.0
-    assert steps["line_dedup"]["precision"] >= 0.85 and steps["line_dedup"]["recall"] >= 0.9  # 0.905, 0.944
+    assert steps["line_dedup"]["precision"] >= 0.85 and steps["line_dedup"]["recall"] >= 0.9  # 0.895, 0.944
+    for name in ("exact_dedup", "line_dedup", "near_dedup", "quality"):  # one unit per step: P and R from tp/fp/fn
+        r = steps[name]
+        assert r["precision"] == (r["tp"] / (r["tp"] + r["fp"]) if r["tp"] + r["fp"] else 1.0), name
+        assert r["recall"] == (r["tp"] / (r["tp"] + r["fn"]) if r["tp"] + r["fn"] else 1.0), name
     assert steps["near_dedup"]["precision"] >= 0.9 and steps["near_dedup"]["recall"] >= 0.85  # 1.0, 1.0
     assert steps["quality"]["precision"] >= 0.9 and steps["quality"]["recall"] >= 0.8  # 1.0, 0.875
     for kind in ("email", "phone", "ip"):

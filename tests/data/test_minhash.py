@@ -127,6 +127,21 @@ def test_batched_signatures_equal_per_document_minima(family, monkeypatch):
     assert mh.signatures([], num_perm=8).shape == (0, 8)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_documents_starting_exactly_at_a_chunk_edge(family, monkeypatch):
+    """Chunks of 8 shingles; documents of 8 and 4 shingles, so most start exactly on an edge (and
+    one chunk holds two whole documents): each keeps its own minima, no neighbour's."""
+    monkeypatch.setattr(mh, "_CHUNK_ELEMENTS", 8 * 16)  # 16 permutations -> 8 shingles per chunk
+    rng = np.random.default_rng(7)
+    texts = [" ".join(f"w{v}" for v in rng.integers(0, 10_000, k + 4)) for k in (8, 8, 4, 4, 8, 4, 8)]
+    starts = np.cumsum([0] + [len(mh.shingle_hashes(t, 5)) for t in texts])[:-1]
+    assert (starts % 8 == 0).sum() >= 5  # the case under test really occurs
+    a, b = mh.permutation_params(16, seed=1, family=family)
+    sigs = mh.signatures(texts, num_perm=16, ngram=5, seed=1, family=family)
+    for text, sig in zip(texts, sigs):
+        assert (sig == mh.permute(mh.shingle_hashes(text, 5), a, b, family).min(axis=1)).all()
+
+
 # --------------------------------------------------------------------------------------------
 # MinHash estimates
 
