@@ -10,7 +10,11 @@ PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.minilife-installed
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: install demo test test-all bench clean
+# The lowest versions pyproject.toml declares (torch stays at the pin: older CPU wheels are not on these machines).
+LOWEST     ?= numpy==1.24.4 tiktoken==0.6.0 regex==2023.3.22 matplotlib==3.7.0 tqdm==4.60.0 \
+              pytest==8.0.0 hypothesis==6.100.0 pytest-timeout==2.2.0
+
+.PHONY: install demo test test-all test-lowest bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +27,7 @@ install: $(STAMP)
 # The lifecycle so far: the curriculum (chapter 2 data), then pretraining on its shards.
 demo: $(STAMP)
 	$(PY) -m minilife.chapters.ch2_data
-	$(PY) -m minilife.chapters.ch2_pretrain
+	$(PY) -m minilife.chapters.ch2_pretrain --overwrite
 
 test: $(STAMP)
 	HYPOTHESIS_PROFILE=ci $(PY) -m pytest $(PYTEST_ARGS)
@@ -31,8 +35,15 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest
 
+# Once per dependency change: the suite against the lowest declared versions, in its own venv.
+test-lowest:
+	$(PYTHON) -m venv .venv-lowest
+	.venv-lowest/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	.venv-lowest/bin/python -m pip install --quiet -e ".[dev]" "$(TORCH_SPEC)" $(LOWEST)
+	HYPOTHESIS_PROFILE=ci .venv-lowest/bin/python -m pytest $(PYTEST_ARGS)
+
 bench: $(STAMP)
 	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-lowest runs .pytest_cache .hypothesis

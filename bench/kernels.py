@@ -18,8 +18,8 @@ GPU (when one is present; the device name is recorded):
   ratio <= 0.67), peak memory <= 0.5x.
 - fused linear + CE at N = 16,384, C = 2,048, V = 128,256, bf16: peak memory <= 0.25x materialised;
   time <= 1.2x and peak memory <= 1.0x torch's chunked op.
-``--quick``: smaller shapes (CPU: N = 1,024, C = 256, V = 32,768, T = 256; seconds) and 2 repeats,
-a smoke check of the script; its ratios are not the goals' configuration.
+``--quick``: smaller shapes (CPU: N = 2,048, C = 512, V = 16,384 -- still two of our chunks -- and
+T = 256; about a minute) and 2 repeats, a smoke check; the goals apply to the default shapes only.
 
 Method: ``minilife.measure.bench_loss`` / ``bench_attention``: all sides of a case in one process on
 the same inputs; one warm-up call each, then ``--repeats`` interleaved rounds (order rotating); min
@@ -63,7 +63,7 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--repeats", type=int, default=None, help="interleaved timed rounds per case (default 3; quick 2)")
-    p.add_argument("--quick", action="store_true", help="small shapes, 2 repeats: a smoke check (seconds on CPU)")
+    p.add_argument("--quick", action="store_true", help="small shapes, 2 repeats: a smoke check (~1 min on CPU)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--no-attention", action="store_true", help="skip the attention pairs")
     args = p.parse_args(argv)
@@ -76,7 +76,7 @@ def main(argv=None) -> list[dict]:
     print(f"device: {device} ({name}); torch {torch.__version__}; threads {torch.get_num_threads()}; "
           f"repeats {repeats}{'; quick shapes' if args.quick else ''}", flush=True)
     shapes = {(False, False): dict(tokens=4096, vocab=50257, hidden=768, dtype=torch.float32, seq_len=1024),
-              (False, True): dict(tokens=1024, vocab=32768, hidden=256, dtype=torch.float32, seq_len=256),
+              (False, True): dict(tokens=2048, vocab=16384, hidden=512, dtype=torch.float32, seq_len=256),
               (True, False): dict(tokens=16384, vocab=128256, hidden=2048, dtype=torch.bfloat16, seq_len=4096),
               (True, True): dict(tokens=4096, vocab=32000, hidden=1024, dtype=torch.bfloat16, seq_len=1024)}
     shape = shapes[(cuda, args.quick)]

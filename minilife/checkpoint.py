@@ -176,21 +176,11 @@ def save_checkpoint(path: str | os.PathLike | BinaryIO, *, model: torch.nn.Modul
         if bad:
             raise CheckpointError(f"{path}: refusing to save step {step}: non-finite values in "
                                   f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
-    payload = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "step": step,
-        "config": _json_normalise(config, path),
-        "model": _unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "rng": rng_state(),
-        "data_state": dict(data_state) if data_state is not None else {},
-        "extra": dict(extra) if extra is not None else {},
-    }
-    _check_loadable(payload["data_state"], "data_state", path)
-    _check_loadable(payload["extra"], "extra", path)
-    if payload["optimizer"] is not None:
-        _check_loadable(payload["optimizer"], "optimizer.state_dict()", path)
+    payload = {"format": FORMAT, "version": FORMAT_VERSION, "step": step, "config": _json_normalise(config, path),
+               "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
+               "rng": rng_state(), "data_state": dict(data_state or {}), "extra": dict(extra or {})}
+    for key in ("data_state", "extra", "optimizer"):
+        _check_loadable(payload[key], key, path)
     if isinstance(path, Path):
         _atomic_torch_save(payload, path)
         return path
@@ -218,17 +208,15 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened or synced."""
     try:
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError:
         pass
-    finally:
-        os.close(fd)
 
 
 def verify_checkpoint(path: str | os.PathLike | BinaryIO) -> None:

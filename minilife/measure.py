@@ -6,6 +6,8 @@ What it implements
   a weakref finaliser sees the storage freed. ``.live`` is the running total, ``.peak`` its maximum.
   An output that shares a storage with one of the op's inputs (a view, an in-place or ``out=``
   result) allocated nothing and is skipped, also when that storage existed before counting began.
+  A custom op with a Python body (``torch.library.custom_op``, e.g. torch's chunked
+  ``F.linear_cross_entropy``) runs with the mode still on, so the ops inside it count too.
 - ``peak_tensor_bytes(fn)``: the peak of that count while ``fn()`` runs.
 - ``peak_memory_bytes(fn, device)``: on CUDA the caching allocator's own peak above what was
   allocated before; elsewhere ``peak_tensor_bytes`` (torch keeps no CPU allocator statistics).
@@ -13,15 +15,8 @@ What it implements
   order rotates, so drifting machine load hits every side alike. Every ``bench/`` script times with it.
 - ``compare(case, ours, refs, sides, device, repeats)``: one warm-up each, interleaved timings of ours
   and every reference, then peak memory; rows of min / median per side and the ratios ours / reference.
-- The kernels' comparisons (chapter 5 and ``bench/kernels.py``; kernel modules hold kernels only):
-  ``linear_ce_sides`` / ``ce_sides`` build forward + backward closures of the LM head + loss and of
-  cross-entropy on shared inputs; ``bench_loss`` (fused vs materialised logits and vs torch's chunked
-  ``F.linear_cross_entropy``; Triton vs ``F.cross_entropy``) and ``bench_attention`` (flash attention
-  vs SDPA and naive) run ``compare`` on them.
-
-A custom operator with a Python body (``torch.library.custom_op``; torch's chunked
-``F.linear_cross_entropy`` is one) is run with the mode still on, so the ops inside it are counted
-too; otherwise the mode would see only its outputs.
+- The kernels' comparisons, for chapter 5 and ``bench/kernels.py``: ``linear_ce_sides``, ``ce_sides``
+  (forward + backward closures on shared inputs), ``bench_loss`` and ``bench_attention`` (``compare``).
 
 What it leaves out: allocator slack and fragmentation, scratch buffers *inside* one aten kernel,
 Python objects. It counts tensors only, the same way for both sides of a comparison, and is exact
@@ -126,13 +121,9 @@ def interleaved_times(fns: Mapping[str, Callable[[], object]], repeats: int,
 
 def compare(case: str, ours: str, refs: Union[str, Sequence[str]], sides: Mapping[str, Callable[[], object]],
             device: torch.device, repeats: int) -> list[dict]:
-    """Time and peak memory of ``sides[ours]`` vs each of ``sides[ref]`` (closures running the whole op).
-
-    All sides are timed in the same interleaved rounds. Returns two rows per reference (metric
-    ``time_ms`` and ``peak_MiB``) with min / median of each side and ``ratio_min`` / ``ratio_median``
-    = ours / reference. Memory is measured after the timings, so the CPU counter's bookkeeping never
-    enters a timing.
-    """
+    """Time and peak memory of ``sides[ours]`` vs each ``sides[ref]`` (closures running the whole op), timed
+    in the same interleaved rounds. Two rows per reference (``time_ms``, ``peak_MiB``): min / median of each
+    side, ``ratio_min`` / ``ratio_median`` = ours / reference. Memory is measured after the timings."""
     names = [ours] + ([refs] if isinstance(refs, str) else list(refs))
     for name in names:
         sides[name]()  # warm-up: compiles kernels, touches the allocator
@@ -185,8 +176,7 @@ def ce_sides(N: int, V: int, dtype, device, seed: int = 0) -> dict[str, Callable
 
 def bench_loss(device: torch.device, *, tokens: int, vocab: int, hidden: int, dtype, repeats: int,
                triton_ce: bool) -> list[dict]:
-    """Fused linear + CE vs materialised logits and vs torch's chunked op (and, if ``triton_ce``,
-    Triton cross-entropy vs ``F.cross_entropy``): ``compare`` rows."""
+    """Fused linear + CE vs the other ``linear_ce_sides`` (and, if ``triton_ce``, Triton CE vs torch's)."""
     tag = f"{str(dtype)[6:]} {device.type}"
     sides = linear_ce_sides(tokens, vocab, hidden, dtype, device)
     rows = compare(f"linear + CE fwd+bwd N={tokens} C={hidden} V={vocab} {tag}", "fused",
@@ -199,18 +189,14 @@ def bench_loss(device: torch.device, *, tokens: int, vocab: int, hidden: int, dt
 
 def bench_attention(device: torch.device, seq_len: Optional[int] = None, batch: int = 1, heads: int = 8,
                     head_dim: int = 64, repeats: int = 5) -> list[dict]:
-    """Causal attention forward + backward, ours vs references: ``compare`` rows.
-
-    CUDA (default T=4096, bf16): Triton ``flash_attention`` vs SDPA and vs ``attention_naive``.
-    CPU (default T=1024, fp32): ``flash_attention_torch`` vs ``attention_naive``.
-    """
+    """Causal attention forward + backward, ``compare`` rows. CUDA (default T=4096, bf16): Triton
+    ``flash_attention`` vs SDPA and ``attention_naive``; CPU (T=1024, fp32): ``flash_attention_torch`` vs naive."""
     cuda = device.type == "cuda"
     T = seq_len or (4096 if cuda else 1024)
     dtype = torch.bfloat16 if cuda else torch.float32
     gen = torch.Generator().manual_seed(0)
     q, k, v, d_out = (torch.randn(batch, heads, T, head_dim, generator=gen).to(device, dtype) for _ in range(4))
-    for t in (q, k, v):
-        t.requires_grad_(True)
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
     attn = {"attention_naive": lambda: attention_naive(q, k, v, causal=True)}
     if cuda:
         ours, refs = "flash_attention (triton)", ["sdpa", "attention_naive"]

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from minilife.checkpoint import config_diff
 from minilife.common import RunConfig, UsageError, cli_field, read_jsonl_lines, write_jsonl_atomic
 
 RUN_FILES = ("ckpt_step*.pt", "last.pt", "metrics.jsonl", "summary.json", "*.png", ".*.tmp-*")
@@ -76,10 +77,8 @@ def check_resume_config(saved: Mapping[str, Any], given: Mapping[str, Any], *, s
     """Compare the checkpoint's run config with this run's. Fields in ``ignore`` (where output goes,
     threads, ...) never count; fields in ``allowed`` may differ and are returned as notes; any other
     difference raises UsageError naming each field with both values."""
-    skip, ok = set(ignore), set(allowed)
-    diff = [(k, saved.get(k, "<absent>"), given.get(k, "<absent>")) for k in sorted(set(saved) | set(given))
-            if k not in skip and saved.get(k, "<absent>") != given.get(k, "<absent>")]
-    refused = [d for d in diff if d[0] not in ok]
+    diff = config_diff(saved, given, ignore)
+    refused = [d for d in diff if d[0] not in set(allowed)]
     if refused:
         fields = "; ".join(f"--{k.replace('_', '-')}: checkpoint {a!r}, now {b!r}" for k, a, b in refused)
         raise UsageError(f"--resume from {source}: this run's settings differ from the checkpoint's: {fields}. "

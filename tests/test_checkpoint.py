@@ -101,7 +101,7 @@ def test_save_and_load_through_binary_file_objects(tmp_path):
     with open(tmp_path / "f.pt", "rb") as fh:
         assert read_checkpoint(fh)["step"] == 1
     broken = io.BytesIO(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a torch zip"):
+    with pytest.raises(CheckpointError, match="not a whole torch zip"):
         load_checkpoint(broken)
 
 
@@ -142,7 +142,7 @@ def test_crash_mid_save_keeps_previous_file(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", crashing_save)
     with torch.no_grad():
         model[0].weight.add_(1.0)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(CheckpointError, match=r"last.pt: could not be written \(disk full \(simulated\)\)"):
         save_checkpoint(path, model=model, step=2, config=CONFIG)
     monkeypatch.setattr(torch, "save", real_save)
     assert path.read_bytes() == before
@@ -274,5 +274,5 @@ def test_damaged_member_inside_intact_zip(tmp_path):
     start = data.find(b"data.pkl")  # the pickle member's header; garble what follows it
     data[start + 40:start + 200] = bytes(160)
     path.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="c.pt: weights_only loading refused its pickle"):
-        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="c.pt: corrupt: member .*data.pkl.* fails its CRC-32 checksum"):
+        load_checkpoint(path)  # caught by the archive's checksums before anything is unpickled

@@ -33,7 +33,9 @@ What it implements (read ``main`` top to bottom; it is the loop)
   (``ckpt_stepNNNNNN.pt`` + ``last.pt``) holding weights, optimizer moments, step, RNG states, data
   position, the model config and the tokenizer (portable: ``artifacts.load_pretrained`` needs
   nothing else); ``--resume`` continues bit-for-bit; a NaN/inf loss stops the run naming the step
-  and the last good checkpoint, which is never overwritten.
+  and the last good checkpoint, which is never overwritten. The run directory, resume checks,
+  Ctrl-C and one-line errors come from ``minilife.runs`` (a used directory needs ``--resume`` or
+  ``--overwrite``).
 
 What it leaves out: data/tensor parallelism, torch.compile, fp16 (chapter 5 shows why it needs loss
 scaling), sequence packing with document masks (documents are separated by the end-of-text token

@@ -37,8 +37,7 @@ Under ``torch.autocast`` both inputs are cast to the autocast dtype first, as ``
 
 What it leaves out: a bias on the head, class weights, soft targets, z-loss, tensor-parallel vocab
 shards. ``torch.nn.functional.linear_cross_entropy`` (torch >= 2.13, chunked when given
-``LinearCrossEntropyOptions``) is the same idea; the tests check against it and
-``minilife.measure.bench_loss`` times against it when present.
+``LinearCrossEntropyOptions``) is the same idea; tests and ``minilife.measure.bench_loss`` use it.
 """
 from __future__ import annotations
 
