@@ -11,7 +11,7 @@ STAMP      := $(VENV)/.minilife-installed
 PYTEST_ARGS ?= -m "not slow"
 
 # The lowest versions pyproject.toml declares (torch stays at the pin: older CPU wheels are not on these machines).
-LOWEST     ?= numpy==1.24.4 tiktoken==0.6.0 regex==2023.3.22 matplotlib==3.7.0 tqdm==4.60.0 \
+LOWEST     ?= numpy==1.24.4 tiktoken==0.12.0 regex==2023.3.22 matplotlib==3.7.0 tqdm==4.60.0 \
               pytest==8.0.0 hypothesis==6.100.0 pytest-timeout==2.2.0
 
 .PHONY: install demo test test-all test-lowest bench clean

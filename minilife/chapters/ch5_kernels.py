@@ -15,9 +15,8 @@ What it does (read ``main`` top to bottom)
 2. Memory: peak memory of one forward + backward, naive vs tiled/fused, swept over the vocabulary V
    (materialised logits vs the fused head + loss) and over the sequence length T (naive attention vs
    torch-tiled flash attention). Plots ``memory_vs_vocab.png`` and ``attention_memory_vs_T.png``.
-3. Timings, only with a GPU: Triton kernels vs torch's fused ops (``bench_loss`` in
-   ``minilife.kernels.fused_linear_ce``, ``bench_attention`` in ``minilife.kernels.flash_attention``);
-   on a CPU they say "n/a".
+3. Timings, only with a GPU: Triton kernels vs torch's fused ops (``bench_loss`` and
+   ``bench_attention`` in ``minilife.measure``); on a CPU they say "n/a".
 
 How memory is measured. On CUDA: the allocator's peak (``max_memory_allocated``) minus what was
 allocated before. On CPU torch keeps no allocator statistics, so ``peak_tensor_bytes`` (in
@@ -44,7 +43,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  eval_every=eval_every, eval_batches=cfg.eval_batches,
                                  on_eval=lambda step, v: plateau.step(v)),
     }
-    print(f"\n| schedule | final val loss | LR at the end | LR reductions |\n|---|---|---|---|")
+    print("\n| schedule | final val loss | LR at the end | LR reductions |\n|---|---|---|---|")
     for name, h in sched.items():
         logger.log(part="plateau", run=name, **h)
         print(f"| {name} | {at(h['val_loss'], -1):.3f} | {at(h['lr'], -1):.2e} | "
