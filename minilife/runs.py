@@ -24,6 +24,7 @@ signals other than SIGINT.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import sys
@@ -45,6 +46,13 @@ class ResumableConfig(RunConfig):
     overwrite: bool = cli_field(False, "clear an earlier run's files from --out and start afresh")
     allow_change: list[str] = cli_field([], "with --resume: fields that may differ from the checkpoint's run "
                                             "(e.g. max_steps to train longer)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.allow_change = [name.replace("-", "_") for name in self.allow_change]
+        unknown = sorted(set(self.allow_change) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"--allow-change {' '.join(unknown)}: no such setting")
 
 
 class RunInterrupted(KeyboardInterrupt):

@@ -203,7 +203,7 @@ def test_resume_refuses_changed_settings_unless_allowed(smoke_data_dir, tmp_path
         assert field in str(e.value)
     with pytest.raises(UsageError, match="--max-steps: checkpoint 4, now 6"):
         P.main(common + ["--max-steps", "6", "--resume", "--warmup-steps", "1"])
-    s = P.main(common + ["--max-steps", "6", "--resume", "--warmup-steps", "1", "--allow-change", "max_steps",
+    s = P.main(common + ["--max-steps", "6", "--resume", "--warmup-steps", "1", "--allow-change", "max-steps",
                          "--eval-every", "3"])  # where output goes and how often it evaluates never count
     assert s["steps"] == 6 and s["finished"]
 
@@ -301,6 +301,7 @@ def test_bf16_autocast_step_runs(smoke_run, smoke_data_dir, tmp_path):
     (["--grad-clip", "-1"], "--grad-clip"),
     (["--beta2", "1.0"], "--beta2"),
     (["--threads", "-1"], "--threads"),
+    (["--allow-change", "max_step"], "--allow-change max_step: no such setting"),
     (["--preset", "huge"], "--preset"),
 ])
 def test_nonsense_flags_are_usage_errors_naming_the_flag(flags, named, usage_error):
