@@ -13,8 +13,9 @@ causal attention, SwiGLU, tied embeddings, mean cross-entropy):
   separately: the ratio includes whatever the two RoPE forms cost differently.
 
 One timed unit is a full training step (forward, backward, clip, optimizer step, zero_grad) on the
-same batch for every side. Sides are interleaved within each repeat, after warmup steps, so drifting
-machine load hits all of them alike. Reported: tokens/s min and median per side, ratios ours /
+same batch for every side. Sides are interleaved within each repeat, after warmup steps, and the
+order rotates by one side every repeat (as ``minilife.measure.interleaved_times`` does), so drifting
+machine load and the slot right after another side's step hit all of them alike. Reported: tokens/s min and median per side, ratios ours /
 reference, model FLOPs utilisation against the fp32 matmul peak measured in this run (a large
 torch.matmul), and the bf16 autocast speed-up.
 
@@ -204,11 +205,12 @@ def main(argv: list[str] | None = None) -> dict:
     progress(f"matmul peak ({n_peak}^3)")
     peak = {"fp32": matmul_peak(n_peak, 5), "bf16": 0.0 if a.no_bf16 else matmul_peak(n_peak, 5, torch.bfloat16)}
     times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
     for r in range(a.repeats):
         progress(f"timed round {r + 1}/{a.repeats}: one step of each of {len(steps)} sides")
-        for name, step in steps.items():  # interleaved
+        for name in names[r % len(names):] + names[:r % len(names)]:  # interleaved, the order rotating
             t0 = time.perf_counter()
-            step(x, y)
+            steps[name](x, y)
             times[name].append(time.perf_counter() - t0)
     for prec in peak:  # measured before and after the timed steps, best kept
         if peak[prec]:

@@ -44,10 +44,7 @@ DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
 ID_BYTES = 16  # per token: int64 input ids (embedding backward) + int64 targets (the loss)
 
 
-# --------------------------------------------------------------------------------------------
 # parameters
-
-
 def param_count(cfg: ModelConfig) -> int:
     """Exact parameters of GPT(cfg): V C (+ V C untied head) + L (4 C^2 + 3 C F + 2 C) + C."""
     C, F, V, L = cfg.n_embd, cfg.ffn_dim, cfg.vocab_size, cfg.n_layer
@@ -73,17 +70,13 @@ def lora_param_count(cfg: ModelConfig, rank: int, targets: tuple[str, ...] = ("q
     return cfg.n_layer * sum(rank * (shapes[t][0] + shapes[t][1]) for t in targets)
 
 
-# --------------------------------------------------------------------------------------------
 # activations
-
-
 def activation_terms(cfg: ModelConfig, seq: int, kind: str = "fused") -> list[tuple[str, int, str]]:
     """Elements kept for backward per token per layer: [(tensor, elements, why)].
 
     kind "fused": the minimum (each matmul's input, Q/K/V/output for flash attention, the SwiGLU
     gate and up). kind "autograd": what PyTorch autograd keeps for minilife's block in fp32, op by op
-    (attn_impl "sdpa" or "math"; the "math" path also keeps the H x T softmax per token).
-    """
+    (attn_impl "sdpa" or "math"; the "math" path also keeps the H x T softmax per token)."""
     C, F, H = cfg.n_embd, cfg.ffn_dim, cfg.n_head
     if kind == "fused":
         return [("norm inputs (2 norms)", 2 * C, "x for each RMSNorm backward (+ a scalar rstd)"),
@@ -113,8 +106,7 @@ def activation_bytes(cfg: ModelConfig, *, batch: int, seq: int, dtype: str = "bf
 
     Without checkpointing: L x per-layer terms + the tail (final norm, LM-head input, fp32 log-probs
     of the loss, token ids). With checkpointing only each block's input (C) is kept; during backward
-    one block is recomputed at a time, so the peak adds one layer's terms (``recompute_peak``).
-    """
+    one block is recomputed at a time, so the peak adds one layer's terms (``recompute_peak``)."""
     tokens, b = batch * seq, DTYPE_BYTES[dtype]
     C, V = cfg.n_embd, cfg.vocab_size
     per_layer = sum(n for _, n, _ in activation_terms(cfg, seq, kind))
@@ -132,14 +124,10 @@ def activation_bytes(cfg: ModelConfig, *, batch: int, seq: int, dtype: str = "bf
     return tokens * (layers + peak + tail) + fixed
 
 
-# --------------------------------------------------------------------------------------------
 # the memory bill
-
-
 @dataclass(frozen=True)
 class MemoryOptions:
     """Every assumption behind a training-memory bill."""
-
     weights: str = "bf16"  # dtype of the weights the forward pass reads
     grads: str = "bf16"
     master_weights: bool = False  # an extra fp32 copy kept by the optimizer (mixed precision)
@@ -172,7 +160,6 @@ class MemoryOptions:
 @dataclass
 class MemoryBill:
     """Bytes per item of a training step's memory. ``total`` sums them; ``gb()`` in decimal GB."""
-
     n_params: int
     trainable: int
     weights: float
@@ -187,8 +174,7 @@ class MemoryBill:
         return self.weights + self.grads + self.master + self.moments + self.activations
 
     def gb(self) -> dict[str, float]:
-        items = ("weights", "grads", "master", "moments", "activations", "total")
-        return {k: getattr(self, k) / GB for k in items}
+        return {k: getattr(self, k) / GB for k in ("weights", "grads", "master", "moments", "activations", "total")}
 
 
 def memory_bill(model: Union[ModelConfig, int, float], opts: MemoryOptions = MemoryOptions()) -> MemoryBill:
@@ -214,13 +200,9 @@ def memory_bill(model: Union[ModelConfig, int, float], opts: MemoryOptions = Mem
         act = float(activation_bytes(cfg, batch=opts.batch, seq=opts.seq, dtype=opts.activations_dtype,
                                      kind=opts.activation_kind, checkpointing=opts.gradient_checkpointing))
     adapters = trainable if opts.trainable_params is not None else 0
-    return MemoryBill(
-        n_params=n, trainable=trainable,
-        weights=(n + adapters) * DTYPE_BYTES[opts.weights],
-        grads=trainable * DTYPE_BYTES[opts.grads],
-        master=trainable * 4 if opts.master_weights else 0,
-        moments=trainable * opts.n_moments * DTYPE_BYTES[opts.moments],
-        activations=act, options=opts)
+    return MemoryBill(n_params=n, trainable=trainable, weights=(n + adapters) * DTYPE_BYTES[opts.weights],
+                      grads=trainable * DTYPE_BYTES[opts.grads], master=trainable * 4 if opts.master_weights else 0,
+                      moments=trainable * opts.n_moments * DTYPE_BYTES[opts.moments], activations=act, options=opts)
 
 
 # Precision recipes (``--precision`` in ch1): bytes per trainable parameter before activations.
@@ -248,10 +230,7 @@ NOTES_SCENARIOS = {
 }
 
 
-# --------------------------------------------------------------------------------------------
 # compute, time, money, Chinchilla
-
-
 def train_flops(n_params: float, tokens: float) -> float:
     """Training FLOPs ~= 6 N D (forward 2 N per token, backward 4 N)."""
     if not (n_params >= 0 and tokens >= 0):
@@ -292,13 +271,9 @@ def chinchilla_optimal(compute_flops: float, tokens_per_param: float = 20.0) -> 
     return n, tokens_per_param * n
 
 
-# --------------------------------------------------------------------------------------------
 # measuring real tensors
-
-
 def _storage_key(t: torch.Tensor) -> tuple:
-    s = t.untyped_storage()
-    return (t.device.type, s.data_ptr())
+    return (t.device.type, t.untyped_storage().data_ptr())
 
 
 def measure_state_bytes(model: torch.nn.Module, optimizer=None) -> dict[str, int]:

@@ -62,8 +62,7 @@ def model_logprobs(model, input_ids: torch.Tensor, padding_mask: torch.Tensor | 
     and whose predecessor is a real token (padding_mask), so column 0 is never scored. The logits at
     position t - 1 predict token t: the shift by one happens here. Returns logprobs (B, T) aligned
     with input_ids, exactly 0 where not scored, and with ``with_entropy`` also the entropy (B, T) of
-    the distribution each scored token was drawn from.
-    """
+    the distribution each scored token was drawn from."""
     real = torch.ones_like(input_ids, dtype=torch.bool) if padding_mask is None else padding_mask  # (B, T)
     scored = (real if response_mask is None else response_mask & real)[:, 1:] & real[:, :-1]  # (B, T-1)
     logits, _ = model(input_ids, padding_mask=padding_mask)  # (B, T, V)

@@ -40,9 +40,7 @@ import regex
 
 from minilife.data.checks import check_text
 
-# ----------------------------------------------------------------------------------------------
 # normalisation
-
 _SPACES = regex.compile(r"[\t\x0b\x0c\p{Zs}\u2028\u2029]")  # become ' '
 _INVISIBLE = regex.compile(r"[[\p{Cc}\p{Cf}\p{Co}\p{Cs}]--[\n]]", regex.V1)  # removed (incl. zero-width)
 
@@ -58,10 +56,7 @@ def normalise(text: str, form: Literal["NFC", "NFKC"] = "NFC") -> str:
     return re.sub("\n{3,}", "\n\n", text).strip()
 
 
-# ----------------------------------------------------------------------------------------------
 # exact dedup: documents and repeated lines
-
-
 def text_hash(text: str) -> str:
     """SHA-256 hex digest of the UTF-8 bytes (stable across runs and machines)."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -69,8 +64,7 @@ def text_hash(text: str) -> str:
 
 def exact_dedup(texts: Sequence[str]) -> tuple[list[bool], list[int | None]]:
     """(keep, dup_of): keep[i] is False when an earlier text has the same hash; dup_of[i] is that index."""
-    first: dict[str, int] = {}
-    keep, dup_of = [], []
+    first, keep, dup_of = {}, [], []  # first: hash -> index of its first text
     for i, t in enumerate(texts):
         j = first.setdefault(text_hash(t), i)
         keep.append(j == i)
@@ -102,9 +96,7 @@ def remove_lines(text: str, lines: set[str] | Counter) -> tuple[str, list[str]]:
     return "".join(kept), removed
 
 
-# ----------------------------------------------------------------------------------------------
 # Gopher quality rules
-
 STOP_WORDS = frozenset(("the", "be", "to", "of", "and", "that", "have", "with"))
 BULLETS = ("•", "-", "*", "‣", "◦", "⁃", "·")
 
@@ -207,9 +199,7 @@ def gopher_check(text: str, rules: GopherRules | None = None) -> str | None:
     return next((name for name, failed in checks if failed), None)
 
 
-# ----------------------------------------------------------------------------------------------
 # PII
-
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 PII_PATTERNS = {
     "email": re.compile(r"(?<![\w.+-])[A-Za-z0-9](?:[A-Za-z0-9._%+-]*[A-Za-z0-9_%+-])?"

@@ -210,8 +210,7 @@ def make_company(seed: int = 0, n_people: int = 60, n_products: int = 24) -> Com
                                                  [rng.choice(list(CATEGORIES)) for _ in range(n_products)])):
         specs = tuple((spec, rng.randrange(lo, hi + 1, step) if hi > lo else lo, unit)
                       for spec, unit, lo, hi, step in CATEGORIES[category])
-        n_versions = rng.randint(2, 4)
-        major = rng.randint(1, 3)
+        n_versions, major = rng.randint(2, 4), rng.randint(1, 3)
         versions = tuple(f"{major}.{k}" for k in range(n_versions))
         products.append(Product(codename, category, f"{codename[0]}{rng.randint(1, 9)}",
                                 rng.randrange(39, 1500, 10), rng.choice((1, 2, 3)),

@@ -62,9 +62,6 @@ class Document:
     def pii(self) -> dict[str, tuple[str, ...]]:
         return {"email": self.pii_emails, "phone": self.pii_phones, "ip": self.pii_ips}
 
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 FOOTERS = ("This message and any attachments are confidential and meant only for the named recipient.",
            "© {year} {company}. All rights reserved. | Privacy | Terms | Cookie settings",
@@ -180,25 +177,18 @@ def _boilerplate_text(company: Company, rng: random.Random, style: str) -> str:
 def junk_pages(company: Company, rng: random.Random, n_spam: int, n_boilerplate: int,
                sources: Sequence[str]) -> list[Document]:
     """Spam and boilerplate-only pages, filed under random sources (a crawl does not sort its junk)."""
-    out = []
-    for k in range(n_spam):
-        style = ("keywords", "hashtags", "ellipsis", "bullets")[k % 4]
-        out.append(Document("", rng.choice(sources), _spam_text(company, rng, style), spam=True,
-                            junk_style="spam-" + style))
-    for k in range(n_boilerplate):
-        style = ("cookies", "navigation")[k % 2]
-        out.append(Document("", rng.choice(sources), _boilerplate_text(company, rng, style), boilerplate=True,
-                            junk_style="boilerplate-" + style))
-    return out
+    spam_styles = [("keywords", "hashtags", "ellipsis", "bullets")[k % 4] for k in range(n_spam)]
+    boilerplate_styles = [("cookies", "navigation")[k % 2] for k in range(n_boilerplate)]
+    spam = [Document("", rng.choice(sources), _spam_text(company, rng, style), spam=True, junk_style="spam-" + style)
+            for style in spam_styles]  # all spam pages first (the order of the random draws)
+    return spam + [Document("", rng.choice(sources), _boilerplate_text(company, rng, style), boilerplate=True,
+                            junk_style="boilerplate-" + style) for style in boilerplate_styles]
 
 
 def exact_copies(docs: Sequence[Document], rng: random.Random, n: int) -> list[Document]:
     """``n`` byte-identical copies of randomly chosen docs (one source may be copied more than once)."""
-    out = []
-    for _ in range(n):
-        src = rng.choice(docs)
-        out.append(dataclasses.replace(copy.deepcopy(src), doc_id="", exact_dup_of=src.doc_id))
-    return out
+    sources = [rng.choice(docs) for _ in range(n)]
+    return [dataclasses.replace(copy.deepcopy(src), doc_id="", exact_dup_of=src.doc_id) for src in sources]
 
 
 _WORD = re.compile(r"[A-Za-z]+[.,;:!?]?")
@@ -208,8 +198,7 @@ def edit_to_jaccard(text: str, target: float, rng: random.Random, protected: Seq
                     vocab: Sequence[str] = ("update", "team", "quickly", "new", "office")) -> tuple[str, float]:
     """Word edits to ``text`` until its 5-gram shingle Jaccard to the original is closest to ``target``.
 
-    Only alphabetic words on lines not in ``protected`` are edited. Returns (edited text, Jaccard).
-    """
+    Only alphabetic words on lines not in ``protected`` are edited. Returns (edited text, Jaccard)."""
     lines = [re.split(r"(\s+)", line) for line in text.split("\n")]  # words at even indices
     editable = [(li, ti) for li, toks in enumerate(lines) if "".join(toks) not in protected
                 for ti in range(0, len(toks), 2) if _WORD.fullmatch(toks[ti])]
@@ -239,8 +228,7 @@ def edit_to_jaccard(text: str, target: float, rng: random.Random, protected: Seq
             lo = mid
         else:
             hi = mid
-    candidates = [apply(max(lo, 1)), apply(hi)]  # at least one edit: a near copy is never an exact one
-    return min(candidates, key=lambda tj: abs(tj[1] - target))
+    return min(apply(max(lo, 1)), apply(hi), key=lambda tj: abs(tj[1] - target))  # >= 1 edit: never an exact copy
 
 
 def near_copies(docs: Sequence[Document], rng: random.Random, n: int, jaccard_range: tuple[float, float]

@@ -165,12 +165,8 @@ LANGS = ("Portuguese", "Japanese", "Swedish", "Estonian", "Swahili", "German", "
 
 def fmt_date(d: dt.date, rng: random.Random) -> str:
     """'14 March 2024', 'March 14, 2024' or 'Thursday 14 March 2024' (the world uses all three)."""
-    style = rng.randrange(3)
-    if style == 0:
-        return f"{d.day} {d:%B} {d.year}"
-    if style == 1:
-        return f"{d:%B} {d.day}, {d.year}"
-    return f"{d:%A} {d.day} {d:%B} {d.year}"
+    styles = (f"{d.day} {d:%B} {d.year}", f"{d:%B} {d.day}, {d.year}", f"{d:%A} {d.day} {d:%B} {d.year}")
+    return styles[rng.randrange(3)]
 
 
 def and_list(items: list[str]) -> str:
@@ -261,7 +257,6 @@ def product_docs(c: Company, rng: random.Random) -> list[tuple[str, str]]:
                              f"is the product manager responsible for it.\n\nSpecifications\n{specs}\nPrice: "
                              f"€{p.price}\nColours: {and_list(list(p.colours))}\n\nEvery {p.short} comes with a "
                              f"warranty of {_years(p.warranty_years)}. The latest firmware is version {p.versions[-1]}."))
-        out.append(("faq", _product_faq(p, rng)))
-        out.append(("troubleshooting", _troubleshooting(p, rng)))
+        out += [("faq", _product_faq(p, rng)), ("troubleshooting", _troubleshooting(p, rng))]
         out += [("release", _release_notes(p, k, rng)) for k in range(len(p.versions))]
     return out

@@ -66,8 +66,7 @@ def download(url: str, sha256: str, cache_dir: str | os.PathLike, filename: str 
     """Return the path of ``url``'s content in ``cache_dir``, downloading it if needed.
 
     ``sha256`` is the expected hex digest (64 characters); ``filename`` defaults to the last part of
-    the URL's path. Raises DownloadError when the fetch fails or the content does not match.
-    """
+    the URL's path. Raises DownloadError when the fetch fails or the content does not match."""
     if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
         raise ValueError(f"download: sha256={sha256!r} is not a 64-character hex SHA-256 digest")
     sha256 = sha256.lower()
@@ -75,9 +74,8 @@ def download(url: str, sha256: str, cache_dir: str | os.PathLike, filename: str 
         filename = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
     if not filename or filename in (".", "..") or "/" in filename or "\\" in filename:
         raise ValueError(f"download: cannot cache {url!r} under file name {filename!r}; pass filename=")
-    cache = Path(cache_dir)
-    cache.mkdir(parents=True, exist_ok=True)
-    target = cache / filename
+    target = Path(cache_dir) / filename
+    target.parent.mkdir(parents=True, exist_ok=True)
 
     if target.is_file():
         actual = file_sha256(target)
@@ -88,8 +86,7 @@ def download(url: str, sha256: str, cache_dir: str | os.PathLike, filename: str 
         target.unlink()
 
     part = target.with_name(target.name + ".part")
-    h = hashlib.sha256()
-    received = 0
+    h, received = hashlib.sha256(), 0
     try:
         request = urllib.request.Request(url, headers={"User-Agent": "minilife-download"})
         with urllib.request.urlopen(request, timeout=timeout) as resp, open(part, "wb") as fh:

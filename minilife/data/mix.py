@@ -32,10 +32,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-# --------------------------------------------------------------------------------------------
 # shares and epochs
-
-
 def _check_mix(sizes: Mapping[str, float], weights: Mapping[str, float]) -> None:
     if not sizes:
         raise ValueError("sources: need at least one source")
@@ -79,10 +76,7 @@ def mix_table(sizes: Mapping[str, float], weights: Mapping[str, float],
              **({"epochs": epochs[s]} if budget is not None else {})} for s in sizes]
 
 
-# --------------------------------------------------------------------------------------------
 # difficulty scores for a curriculum (higher = harder)
-
-
 def word_count(text: str) -> int:
     """Whitespace words: the default length unit when no tokenizer is given."""
     return len(text.split())
@@ -111,18 +105,14 @@ class RareWordRate:
 DIFFICULTY: dict[str, Callable[[str], float]] = {"mean_word_length": mean_word_length, "length": word_count}
 
 
-# --------------------------------------------------------------------------------------------
 # the sampler
-
-
 class MixtureSampler:
     """Seeded sampler over named sources of texts that honours the effective shares.
 
     sources: {name: sequence of texts}; weights: {name: positive weight}; unit: "documents" or
     "tokens" (lengths from ``length_fn``, default whitespace words; pass e.g.
     ``lambda t: len(tok.encode(t))`` to count BPE tokens); curriculum: None, a callable text ->
-    difficulty, or a name in DIFFICULTY ("rare_words" builds a RareWordRate over all sources).
-    """
+    difficulty, or a name in DIFFICULTY ("rare_words" builds a RareWordRate over all sources)."""
 
     def __init__(self, sources: Mapping[str, Sequence[str]], weights: Mapping[str, float], *,
                  unit: str = "tokens", length_fn: Callable[[str], int] | None = None, seed: int = 0,
@@ -146,9 +136,7 @@ class MixtureSampler:
         self.difficulty = self._difficulty(curriculum)
         self.rng = np.random.default_rng(seed)
         self._order = {k: self.rng.permutation(n_docs[k]) for k in self.names}  # current epoch's shuffle
-        self._pos = {k: 0 for k in self.names}
-        self.drawn_docs = {k: 0 for k in self.names}
-        self.drawn_tokens = {k: 0 for k in self.names}
+        self._pos, self.drawn_docs, self.drawn_tokens = ({k: 0 for k in self.names} for _ in range(3))
 
     def _difficulty(self, curriculum) -> Callable[[str], float] | None:
         if curriculum is None or callable(curriculum):

@@ -64,10 +64,8 @@ class _ShardWriter:
 
     def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int):
         self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
-        self.buffer: list[np.ndarray] = []
-        self.buffered = 0
-        self.shards: list[dict] = []
-        self.n_docs = 0
+        self.buffer, self.buffered = [], 0  # token arrays not yet in a shard, and their total length
+        self.shards, self.n_docs = [], 0  # {"file", "n_tokens"} per written shard
 
     def add(self, tokens: np.ndarray) -> None:
         self.buffer.append(tokens)
@@ -88,8 +86,7 @@ class _ShardWriter:
         if self.buffered:
             self._flush(np.concatenate(self.buffer))
         self.buffer, self.buffered = [], 0
-        return {"n_docs": self.n_docs, "n_tokens": sum(s["n_tokens"] for s in self.shards),
-                "shards": self.shards}
+        return {"n_docs": self.n_docs, "n_tokens": sum(s["n_tokens"] for s in self.shards), "shards": self.shards}
 
 
 def _check_docs(docs, name: str) -> None:
@@ -109,8 +106,7 @@ def pack_corpus(docs: Sequence[str], tokenizer, out_dir: str | os.PathLike, *,
     ``val_fraction`` of the documents (rounded, at least one when > 0 and there are 2+ documents)
     go to validation, chosen by a permutation seeded with ``seed``. Pass ``val_docs`` to hold out
     validation yourself (e.g. before mixing repeats documents): then all of ``docs`` is training
-    data and ``val_fraction``/``seed`` are unused. ``shard_tokens``: tokens per shard file.
-    """
+    data and ``val_fraction``/``seed`` are unused. ``shard_tokens``: tokens per shard file."""
     _check_docs(docs, "docs")
     if not docs:
         raise ValueError("pack_corpus: docs is empty")
@@ -158,8 +154,7 @@ def pack_corpus(docs: Sequence[str], tokenizer, out_dir: str | os.PathLike, *,
 
     meta = {"format": FORMAT, "version": VERSION, "vocab_size": int(tokenizer.vocab_size),
             "dtype": dtype.name, "eot_id": int(eot), "tokenizer": getattr(tokenizer, "name", None),
-            "seed": seed, "val_fraction": val_fraction if val_docs is None else None,
-            "shard_tokens": shard_tokens,
+            "seed": seed, "val_fraction": val_fraction if val_docs is None else None, "shard_tokens": shard_tokens,
             "val_doc_indices": np.flatnonzero(is_val).tolist() if val_docs is None else "given as val_docs",
             "splits": {s: w.close() for s, w in writers.items()}}
     write_json_atomic(out / "meta.json", meta)
@@ -210,8 +205,7 @@ def get_batch(data: np.ndarray, batch_size: int, context_length: int, device: st
     """Sample ``batch_size`` windows of a 1-D token stream ``data`` (N,).
 
     Starts s are uniform on [0, N - T - 1] (torch.randint with ``generator``, a CPU generator);
-    returns x = data[s:s+T] and y = data[s+1:s+T+1], both int64 (B, T) on ``device``.
-    """
+    returns x = data[s:s+T] and y = data[s+1:s+T+1], both int64 (B, T) on ``device``."""
     if not isinstance(data, np.ndarray) or data.ndim != 1:
         raise ValueError(f"get_batch: data must be a 1-D numpy array of token ids, got "
                          f"{type(data).__name__} with shape {getattr(data, 'shape', None)}")
@@ -230,8 +224,7 @@ def get_batch(data: np.ndarray, batch_size: int, context_length: int, device: st
     starts = torch.randint(0, n - context_length, (batch_size,), generator=generator)  # (B,)
     windows = np.stack([data[s:s + context_length + 1] for s in starts.tolist()])  # (B, T+1)
     windows = torch.from_numpy(windows.astype(np.int64))
-    x = windows[:, :-1].contiguous()  # (B, T)
-    y = windows[:, 1:].contiguous()  # (B, T)
+    x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # (B, T) each
     device = torch.device(device)
     if device.type == "cuda":
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)

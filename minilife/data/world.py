@@ -22,6 +22,7 @@ and outdated facts (the notes list them as dirt too; they need labels we cannot 
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass
 
 from minilife.data import correspondence, dirt, documents
@@ -52,9 +53,8 @@ class WorldConfig:
     def __post_init__(self):
         if self.target_bytes < 5_000:
             raise ValueError(f"WorldConfig.target_bytes={self.target_bytes}: need at least 5000 bytes")
-        rates = ("catalogue_share", "exact_dup_rate", "near_dup_rate", "spam_rate", "boilerplate_rate",
-                 "footer_rate", "pii_rate", "decoy_rate")
-        for name in rates:
+        for name in ("catalogue_share", "exact_dup_rate", "near_dup_rate", "spam_rate", "boilerplate_rate",
+                     "footer_rate", "pii_rate", "decoy_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"WorldConfig.{name}={getattr(self, name)}: must be in [0, 1]")
         lo, hi = self.near_dup_jaccard
@@ -82,8 +82,7 @@ def _clean_documents(cfg: WorldConfig, company: Company, rng: random.Random) -> 
     catalogue = [("policy", kind, text) for kind, text in documents.policy_docs(company, rng)]
     catalogue += [("product", kind, text) for kind, text in documents.product_docs(company, rng)]
     rng.shuffle(catalogue)
-    docs: list[Document] = []
-    used = 0
+    docs, used = [], 0
     for source, kind, text in catalogue:
         size = len(text.encode("utf-8"))
         if used + size > cfg.catalogue_share * budget:
@@ -112,8 +111,7 @@ def make_wiki(cfg: WorldConfig | None = None) -> list[Document]:
     """The dirty wiki for ``cfg`` (default: ``WorldConfig()``): copies always come after their source."""
     cfg = cfg or WorldConfig()
     company = cfg.company()
-    rng = random.Random(f"wiki-{cfg.seed}")
-    docs = _clean_documents(cfg, company, rng)
+    docs = _clean_documents(cfg, company, random.Random(f"wiki-{cfg.seed}"))
     n = len(docs)
     dirt.plant_pii(docs, company, random.Random(f"pii-{cfg.seed}"), cfg.pii_rate, cfg.decoy_rate)
     dirt.plant_footers(docs, company, random.Random(f"footer-{cfg.seed}"), cfg.footer_rate)
@@ -135,15 +133,11 @@ def make_wiki(cfg: WorldConfig | None = None) -> list[Document]:
 
 def world_stats(docs: list[Document]) -> dict:
     """Counts of documents, bytes and planted dirt (what the data chapter prints first)."""
-    by_source: dict[str, int] = {}
-    for d in docs:
-        by_source[d.source] = by_source.get(d.source, 0) + 1
-    return {
-        "docs": len(docs), "bytes": sum(len(d.text.encode("utf-8")) for d in docs), "by_source": by_source,
-        "exact_dups": sum(d.exact_dup_of is not None for d in docs),
-        "near_dups": sum(d.near_dup_of is not None for d in docs),
-        "spam": sum(d.spam for d in docs), "boilerplate": sum(d.boilerplate for d in docs),
-        "footer_lines": sum(len(d.footer_lines) for d in docs),
-        "pii": {k: sum(len(d.pii[k]) for d in docs) for k in ("email", "phone", "ip")},
-        "pii_decoys": sum(len(d.pii_decoys) for d in docs),
-    }
+    return {"docs": len(docs), "bytes": sum(len(d.text.encode("utf-8")) for d in docs),
+            "by_source": dict(Counter(d.source for d in docs)),
+            "exact_dups": sum(d.exact_dup_of is not None for d in docs),
+            "near_dups": sum(d.near_dup_of is not None for d in docs),
+            "spam": sum(d.spam for d in docs), "boilerplate": sum(d.boilerplate for d in docs),
+            "footer_lines": sum(len(d.footer_lines) for d in docs),
+            "pii": {k: sum(len(d.pii[k]) for d in docs) for k in ("email", "phone", "ip")},
+            "pii_decoys": sum(len(d.pii_decoys) for d in docs)}

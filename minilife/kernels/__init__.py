@@ -45,19 +45,12 @@ def triton_available() -> bool:
 
 
 def triton_runnable(device: torch.device | str) -> bool:
-    """Can a Triton kernel run on tensors on ``device``?
-
-    CUDA device + triton installed -> True. CPU device -> True only when interpreting
-    (TRITON_INTERPRET=1) and triton is installed. Anything else (MPS, no triton) -> False.
-    """
+    """Can a Triton kernel run on tensors on ``device``? On CUDA when triton is installed, on the CPU
+    only when interpreting (TRITON_INTERPRET=1) as well, never elsewhere (MPS)."""
     device = torch.device(device)
-    if not triton_available():
+    if not triton_available() or device.type not in ("cuda", "cpu"):
         return False
-    if device.type == "cuda":
-        return torch.cuda.is_available()
-    if device.type == "cpu":
-        return interpreting()
-    return False
+    return torch.cuda.is_available() if device.type == "cuda" else interpreting()
 
 
 def import_triton() -> tuple[ModuleType, ModuleType]:
@@ -76,7 +69,6 @@ def import_triton() -> tuple[ModuleType, ModuleType]:
 
 def warn_once(key: str, message: str) -> None:
     """Emit ``message`` as a RuntimeWarning the first time ``key`` is seen in this process."""
-    if key in _WARNED:
-        return
-    _WARNED.add(key)
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)

@@ -33,9 +33,9 @@ Numerical care (each is tested against float64 math)
   exactly what ``F.cross_entropy`` does. Use ``num_tokens`` to avoid the NaN in accumulation loops.
 
 Where Triton cannot run (CPU without ``TRITON_INTERPRET=1``, MPS, no triton) the same two steps run
-as plain torch (``_forward_rows_torch`` / ``_backward_rows_torch``: same formulas, same saved
-tensors) after a one-time warning; ``with pure_torch():`` selects that path on purpose. Non-contiguous rows are handled through the row stride; a
-column stride other than 1 is copied with ``.contiguous()``.
+as plain torch (``_forward_rows_torch`` / ``_backward_rows_torch``: same formulas, same saved tensors)
+after a one-time warning; ``with pure_torch():`` selects that path on purpose. Non-contiguous rows
+are handled through the row stride; a column stride other than 1 is copied with ``.contiguous()``.
 
 What it leaves out: class weights, probability ("soft") targets, z-loss, computing the gradient in
 place of the logits during forward (Liger does this; it silently destroys logits the caller may still
@@ -87,8 +87,7 @@ def _build_kernels() -> dict:
     """Define the Triton kernels (first call only: triton is imported here, never at import time).
 
     ``tl`` and ``_row_offset`` become module globals: Triton's interpreter re-executes kernel source
-    with the module's globals, so names a kernel uses cannot live in a closure.
-    """
+    with the module's globals, so names a kernel uses cannot live in a closure."""
     global tl, _row_offset
     triton, tl = import_triton()
 
@@ -175,38 +174,14 @@ def _next_pow2(n: int) -> int:
 def _launch_config(N: int, V: int) -> tuple[int, int, int]:
     """(ROWS, BLOCK_V, num_warps) for an (N, V) problem."""
     if interpreting():
-        block = min(MAX_BLOCK_V_INTERPRETED, _next_pow2(V))
-        return min(MAX_ROWS_INTERPRETED, _next_pow2(N)), block, 4
+        return min(MAX_ROWS_INTERPRETED, _next_pow2(N)), min(MAX_BLOCK_V_INTERPRETED, _next_pow2(V)), 4
     block = min(MAX_BLOCK_V, _next_pow2(V))
     rows = max(1, min(_next_pow2(N), MAX_TILE // block))
     return rows, block, (16 if block >= 4096 else 8 if rows * block >= 1024 else 4)
 
 
-# ------------------------------------------------------------------------------------------------
-# the two steps, as Triton launches and as plain torch (same formulas, same saved tensors)
-
-
-def _forward_rows_triton(logits, targets, ignore_index, eps):
-    N, V = logits.shape
-    loss, lse, rest = (torch.empty(N, dtype=torch.float32, device=logits.device) for _ in range(3))
-    rows, block, warps = _launch_config(N, V)
-    _kernels()["forward"][(-(-N // rows),)](
-        logits, logits.stride(0), targets, loss, lse, rest, N, V, ignore_index, eps,
-        ROWS=rows, BLOCK_V=block, SMOOTHING=eps > 0.0, num_warps=warps)
-    return loss, lse, rest
-
-
-def _backward_rows_triton(logits, targets, lse, rest, row_scale, ignore_index, eps, out):
-    N, V = logits.shape
-    rows, block, warps = _launch_config(N, V)
-    _kernels()["backward"][(-(-N // rows),)](
-        logits, logits.stride(0), out, out.stride(0), targets, lse, rest, row_scale,
-        row_scale.stride(0), N, V, ignore_index, eps, ROWS=rows, BLOCK_V=block, num_warps=warps)
-    return out
-
-
+# the two steps, as plain torch and as Triton launches (same formulas, same saved tensors)
 def _forward_rows_torch(logits, targets, ignore_index, eps):
-    N, V = logits.shape
     x = logits.float()  # (N, V)
     keep = targets != ignore_index  # (N,)
     t = torch.where(keep, targets, torch.zeros_like(targets)).long()[:, None]  # (N, 1)
@@ -226,7 +201,7 @@ def _forward_rows_torch(logits, targets, ignore_index, eps):
 
 
 def _backward_rows_torch(logits, targets, lse, rest, row_scale, ignore_index, eps, out):
-    N, V = logits.shape
+    V = logits.shape[1]
     keep = targets != ignore_index  # (N,)
     t = torch.where(keep, targets, torch.zeros_like(targets)).long()[:, None]  # (N, 1)
     if out is logits and out.dtype == torch.float32:
@@ -238,9 +213,7 @@ def _backward_rows_torch(logits, targets, lse, rest, row_scale, ignore_index, ep
         g.sub_(eps / V)
     scale = torch.where(keep, row_scale.float(), torch.zeros_like(lse))  # (N,)
     g.mul_(scale[:, None]).masked_fill_(~keep[:, None], 0.0)
-    if g is not out:
-        out.copy_(g)
-    return out
+    return out if g is out else out.copy_(g)
 
 
 def forward_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, eps: float,
@@ -248,35 +221,40 @@ def forward_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
     """Per-row loss (N,), lse (N,) and rest = 1 - p_target (N,), all float32 (0 loss at ignored rows).
 
     logits (N, V) with unit column stride, targets (N,) validated. Triton where it runs, else torch
-    (``triton``: the caller's decision, default ``use_triton(logits.device)``).
-    """
-    if logits.shape[0] == 0:
+    (``triton``: the caller's decision, default ``use_triton(logits.device)``)."""
+    N, V = logits.shape
+    if N == 0:
         empty = torch.zeros(0, dtype=torch.float32, device=logits.device)
         return empty, empty.clone(), empty.clone()
-    if use_triton(logits.device) if triton is None else triton:
-        return _forward_rows_triton(logits, targets, ignore_index, eps)
-    return _forward_rows_torch(logits, targets, ignore_index, eps)
+    if not (use_triton(logits.device) if triton is None else triton):
+        return _forward_rows_torch(logits, targets, ignore_index, eps)
+    loss, lse, rest = (torch.empty(N, dtype=torch.float32, device=logits.device) for _ in range(3))
+    rows, block, warps = _launch_config(N, V)
+    _kernels()["forward"][(-(-N // rows),)](
+        logits, logits.stride(0), targets, loss, lse, rest, N, V, ignore_index, eps,
+        ROWS=rows, BLOCK_V=block, SMOOTHING=eps > 0.0, num_warps=warps)
+    return loss, lse, rest
 
 
 def backward_rows(logits, targets, lse, rest, row_scale, ignore_index: int, eps: float,
                   out: Optional[torch.Tensor] = None, triton: Optional[bool] = None) -> torch.Tensor:
     """Gradient of sum_i row_scale_i * loss_i wrt logits (N, V), written into ``out`` (default: new).
 
-    row_scale (N,) float (any stride, 0 allowed). ``out`` may be ``logits`` itself (in place).
-    """
-    if out is None:
-        out = torch.empty_like(logits)
-    if logits.shape[0] == 0:
+    row_scale (N,) float (any stride, 0 allowed). ``out`` may be ``logits`` itself (in place)."""
+    out = torch.empty_like(logits) if out is None else out
+    N, V = logits.shape
+    if N == 0:
         return out
-    if use_triton(logits.device) if triton is None else triton:
-        return _backward_rows_triton(logits, targets, lse, rest, row_scale, ignore_index, eps, out)
-    return _backward_rows_torch(logits, targets, lse, rest, row_scale, ignore_index, eps, out)
+    if not (use_triton(logits.device) if triton is None else triton):
+        return _backward_rows_torch(logits, targets, lse, rest, row_scale, ignore_index, eps, out)
+    rows, block, warps = _launch_config(N, V)
+    _kernels()["backward"][(-(-N // rows),)](
+        logits, logits.stride(0), out, out.stride(0), targets, lse, rest, row_scale,
+        row_scale.stride(0), N, V, ignore_index, eps, ROWS=rows, BLOCK_V=block, num_warps=warps)
+    return out
 
 
-# ------------------------------------------------------------------------------------------------
 # argument checks shared with fused_linear_ce
-
-
 def check_targets(fn: str, targets: torch.Tensor, N: int, V: int, ignore_index: int,
                   device: torch.device) -> None:
     """Raise a clear error for a wrong shape/dtype/device or a target id outside [0, V)."""
@@ -300,14 +278,11 @@ def check_options(fn: str, reduction: str, label_smoothing: float,
         raise ValueError(f"{fn}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"{fn}: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if num_tokens is None:
-        return None
-    if reduction != "mean":
+    if num_tokens is not None and reduction != "mean":
         raise ValueError(f"{fn}: num_tokens only applies to reduction='mean' (got reduction={reduction!r})")
-    n = float(num_tokens)
-    if not n > 0:
+    if num_tokens is not None and not float(num_tokens) > 0:
         raise ValueError(f"{fn}: num_tokens must be > 0, got {num_tokens}")
-    return n
+    return None if num_tokens is None else float(num_tokens)
 
 
 def mean_denominator(targets: torch.Tensor, ignore_index: int, num_tokens: Optional[float]) -> torch.Tensor:
@@ -317,10 +292,7 @@ def mean_denominator(targets: torch.Tensor, ignore_index: int, num_tokens: Optio
     return (targets != ignore_index).sum().to(torch.float32)
 
 
-# ------------------------------------------------------------------------------------------------
 # the autograd function and the public entry point
-
-
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, ignore_index, reduction, eps, num_tokens):
@@ -328,27 +300,20 @@ class _CrossEntropy(torch.autograd.Function):
         loss_rows, lse, rest = forward_rows(logits, targets, ignore_index, eps, triton)  # (N,) each
         ctx.save_for_backward(logits, targets, lse, rest)
         ctx.options = (ignore_index, reduction, eps, triton)
-        if reduction == "none":
-            return loss_rows
-        if reduction == "sum":
-            return loss_rows.sum()
-        ctx.denominator = mean_denominator(targets, ignore_index, num_tokens)
-        return loss_rows.sum() / ctx.denominator
+        if reduction == "mean":
+            ctx.denominator = mean_denominator(targets, ignore_index, num_tokens)
+            return loss_rows.sum() / ctx.denominator
+        return loss_rows if reduction == "none" else loss_rows.sum()
 
     @staticmethod
     def backward(ctx, grad_out):
         logits, targets, lse, rest = ctx.saved_tensors
         ignore_index, reduction, eps, triton = ctx.options
-        N = logits.shape[0]
-        grad_out = grad_out.float()
-        if reduction == "none":
-            row_scale = grad_out  # (N,)
-        elif reduction == "sum":
-            row_scale = grad_out.expand(N)  # (N,), stride 0
-        else:
-            row_scale = (grad_out / ctx.denominator).expand(N)  # (N,), stride 0
-        grad = backward_rows(logits, targets, lse, rest, row_scale, ignore_index, eps, triton=triton)
-        return grad, None, None, None, None, None
+        scale = grad_out.float()  # (N,) for "none", else a scalar
+        if reduction == "mean":
+            scale = scale / ctx.denominator
+        row_scale = scale if reduction == "none" else scale.expand(logits.shape[0])  # (N,), stride 0 if expanded
+        return (backward_rows(logits, targets, lse, rest, row_scale, ignore_index, eps, triton=triton),) + (None,) * 5
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
@@ -357,8 +322,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     """Cross-entropy of (N, V) logits against (N,) class ids; Triton kernels where they can run.
 
     reduction: "mean" (sum / non-ignored count, or / ``num_tokens`` when given), "sum", or "none"
-    (float32 (N,), 0 at ignored rows). Returns float32. Gradient flows to ``logits`` only.
-    """
+    (float32 (N,), 0 at ignored rows). Returns float32. Gradient flows to ``logits`` only."""
     fn = "cross_entropy"
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise ValueError(f"{fn}: logits must be a 2-D tensor (N, V), got "

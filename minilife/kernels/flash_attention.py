@@ -51,12 +51,8 @@ _LOG2E = 1.4426950408889634
 
 
 def _kernels() -> ModuleType:
-    """The kernel module, imported on first use (triton is imported with it, never earlier).
-
-    Triton fixes interpreted vs compiled when it is first imported (its own ``tl.max``, ``tl.sum``
-    ... are @jit functions) and when each kernel is defined, so the mode cannot change later in the
-    process: if TRITON_INTERPRET no longer matches the loaded kernels, this raises instead of running.
-    """
+    """The kernel module, imported on first use (with triton). Triton fixes interpreted vs compiled
+    for the whole process (see ``minilife.kernels``): a changed TRITON_INTERPRET raises here."""
     import_triton()  # a clear ImportError first, if triton is missing
     kernels = importlib.import_module("minilife.kernels.flash_attention_triton")
     if kernels.INTERPRETED != interpreting():
@@ -71,15 +67,13 @@ def _launch(kernel_name: str, n_rows: int, bh: int, args: tuple, blocks: Optiona
             **meta) -> None:
     """Launch kernel over (cdiv(T, tile), B*H); autotuned on CUDA unless blocks are given."""
     triton, _ = import_triton()
-    ks = _kernels()
-    tile = "BLOCK_N" if kernel_name == "bwd_dkdv" else "BLOCK_M"
-    if blocks is None and getattr(ks, kernel_name + "_tuned") is not None:
-        grid = lambda cfg: (triton.cdiv(n_rows, cfg[tile]), bh)  # noqa: E731
-        getattr(ks, kernel_name + "_tuned")[grid](*args, **meta)
-        return
-    block_m, block_n = blocks if blocks is not None else (64, 64)
-    grid = (triton.cdiv(n_rows, block_m if tile == "BLOCK_M" else block_n), bh)
-    getattr(ks, kernel_name)[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, **meta)
+    ks, tile = _kernels(), "BLOCK_N" if kernel_name == "bwd_dkdv" else "BLOCK_M"
+    tuned = getattr(ks, kernel_name + "_tuned")
+    if blocks is None and tuned is not None:
+        tuned[lambda cfg: (triton.cdiv(n_rows, cfg[tile]), bh)](*args, **meta)
+    else:
+        sizes = dict(BLOCK_M=blocks[0], BLOCK_N=blocks[1]) if blocks is not None else dict(BLOCK_M=64, BLOCK_N=64)
+        getattr(ks, kernel_name)[(triton.cdiv(n_rows, sizes[tile]), bh)](*args, **sizes, **meta)
 
 
 class _FlashAttentionTriton(torch.autograd.Function):
@@ -128,8 +122,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     blocks: (BLOCK_M, BLOCK_N) powers of two >= 16 to force tile sizes (tests use small tiles to
     exercise multi-tile loops); default: autotuned on CUDA, (64, 64) under the interpreter.
     Non-contiguous inputs are copied to contiguous. If Triton cannot run on q's device, this warns
-    once and runs ``flash_attention_torch`` (same math, plain torch) instead.
-    """
+    once and runs ``flash_attention_torch`` (same math, plain torch) instead."""
     fn = "flash_attention"
     check_qkv(q, k, v, fn, (torch.float16, torch.bfloat16, torch.float32))
     D = q.shape[-1]

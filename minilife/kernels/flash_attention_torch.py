@@ -13,12 +13,11 @@ What it implements
     ``dK += dS^T Q * scale``. No (T, T) matrix is ever stored.
 - ``check_qkv``: the input checks shared with the Triton version (shapes, dtypes, devices).
 
-How much less memory it holds is measured with ``minilife.measure.peak_tensor_bytes``.
-
 Only (B, H, Bq, Bk) tiles are alive at a time, so peak memory grows like T * block instead of T^2 —
-the point of the algorithm; on a GPU the Triton kernels in ``flash_attention.py`` also get the
-speed (tiles stay in on-chip SRAM). Here the Python loop over tiles makes it slower than the naive
-version for small T: it exists to be read, and to check the Triton kernels tile by tile.
+the point of the algorithm, measured with ``minilife.measure.peak_tensor_bytes``; on a GPU the Triton
+kernels in ``flash_attention.py`` also get the speed (tiles stay in on-chip SRAM). Here the Python
+loop over tiles makes it slower than the naive version for small T: it exists to be read, and to
+check the Triton kernels tile by tile.
 
 Accumulation is in float32 for fp16/bf16/fp32 inputs (float64 stays float64); outputs and
 gradients are returned in the input dtype. What it leaves out: dropout, custom masks, different
@@ -115,12 +114,10 @@ class _FlashAttentionTorch(torch.autograd.Function):
         d_out = d_out.to(acc_t)
         delta = (d_out * out.to(acc_t)).sum(dim=-1)  # (B, H, T): D_i = rowsum(dO_i * O_i)
         dq = torch.zeros(B, H, T, D, dtype=acc_t, device=q.device)
-        dk = torch.zeros_like(dq)
-        dv = torch.zeros_like(dq)
+        dk, dv = torch.zeros_like(dq), torch.zeros_like(dq)
         for k0 in range(0, T, block_k):  # FA-2 order: outer loop over key blocks
             k1 = min(k0 + block_k, T)
-            kj = k[:, :, k0:k1].to(acc_t)  # (B, H, Bk, D)
-            vj = v[:, :, k0:k1].to(acc_t)  # (B, H, Bk, D)
+            kj, vj = k[:, :, k0:k1].to(acc_t), v[:, :, k0:k1].to(acc_t)  # (B, H, Bk, D) each
             q_start = (k0 // block_q) * block_q if causal else 0  # earlier queries cannot see these keys
             for q0 in range(q_start, T, block_q):
                 q1 = min(q0 + block_q, T)
@@ -147,8 +144,7 @@ def flash_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cau
     causal: query i attends keys j <= i. sm_scale: default 1/sqrt(D).
     block_q, block_k: tile sizes (any positive ints; the last tile of a row/column may be partial).
     return_lse: also return the row log-sum-exp of the scaled, masked scores, (B, H, T) float32
-    (float64 for float64 inputs), as ``(O, LSE)``.
-    """
+    (float64 for float64 inputs), as ``(O, LSE)``."""
     fn = "flash_attention_torch"
     check_qkv(q, k, v, fn, (torch.float16, torch.bfloat16, torch.float32, torch.float64))
     if block_q < 1 or block_k < 1:

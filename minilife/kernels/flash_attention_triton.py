@@ -49,8 +49,7 @@ def _load_query_rows(Q, DO, LSE, DELTA, bh, rows, T, HEAD_DIM: tl.constexpr, BLO
                      UPCAST: tl.constexpr):
     """What the backward needs of query rows ``rows``: q, dO tiles and their LSE and D values.
 
-    Past T the LSE and D read as 0; those rows are masked out of P, so the value never matters.
-    """
+    Past T the LSE and D read as 0; those rows are masked out of P, so the value never matters."""
     q = _load_rows(Q, bh * T * HEAD_DIM, rows, T, HEAD_DIM, BLOCK_D, UPCAST)  # (BLOCK_M, BLOCK_D)
     do = _load_rows(DO, bh * T * HEAD_DIM, rows, T, HEAD_DIM, BLOCK_D, UPCAST)
     lse = tl.load(LSE + bh * T + rows, mask=rows < T, other=0.0)  # (BLOCK_M,)
@@ -166,6 +165,5 @@ if INTERPRETED:
 else:  # compiled: let triton pick tile sizes per (T, D, causal); outputs are overwritten, so re-runs are safe
     _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                 for m, n, w, s in ((64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 128, 8, 1))]
-    fwd_tuned = triton.autotune(_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL"])(fwd)
-    bwd_dkdv_tuned = triton.autotune(_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL"])(bwd_dkdv)
-    bwd_dq_tuned = triton.autotune(_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL"])(bwd_dq)
+    fwd_tuned, bwd_dkdv_tuned, bwd_dq_tuned = (triton.autotune(_CONFIGS, key=["T", "HEAD_DIM", "CAUSAL"])(kernel)
+                                               for kernel in (fwd, bwd_dkdv, bwd_dq))

@@ -58,102 +58,72 @@ def default_chunk_size(N: int, C: int, V: int) -> int:
     return min(max(N, 1), 1 << (rows.bit_length() - 1))
 
 
-def _chunks(N: int, chunk_size: int):
+def _chunk_pass(hidden, weight, targets, ignore_index, eps, chunk_size, row_scale, need_h, need_w, losses=None):
+    """One pass over chunks of rows: the per-row losses into ``losses`` (when given) and, when
+    ``need_h``/``need_w``, the gradients of sum_i row_scale_i * loss_i -> (grad_hidden (N, C) or None,
+    grad_weight (V, C) in weight's dtype or None)."""
+    N, triton = hidden.shape[0], use_triton(hidden.device)  # decided once, not per chunk
+    grad_hidden = (torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+                   if need_h else None)  # (N, C), contiguous
+    grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                   if need_w else None)  # (V, C) fp32 accumulator
     for start in range(0, N, chunk_size):
-        yield start, min(start + chunk_size, N)
-
-
-def _accumulate_weight_grad(grad_weight: torch.Tensor, dlogits: torch.Tensor, hidden_c: torch.Tensor) -> None:
-    """grad_weight (V, C) fp32 += dlogits.T (V, n) @ hidden_c (n, C)."""
-    if dlogits.dtype == torch.float32:
-        grad_weight.addmm_(dlogits.t(), hidden_c)  # (V, n) @ (n, C) -> (V, C)
-    else:  # one product in the input dtype (fp32 accumulate inside the matmul), summed in fp32
-        grad_weight.add_(dlogits.t() @ hidden_c)  # (V, n) @ (n, C) -> (V, C)
+        end = min(start + chunk_size, N)
+        h_c, t_c = hidden[start:end], targets[start:end]  # (n, C), (n,)
+        logits_c = h_c @ weight.t()  # (n, V)
+        loss_c, lse_c, rest_c = forward_rows(logits_c, t_c, ignore_index, eps, triton)
+        if losses is not None:
+            losses[start:end] = loss_c
+        if not (need_h or need_w):
+            continue
+        # dL/dlogits for this chunk, written over the logits (they are not needed any more)
+        dlogits = backward_rows(logits_c, t_c, lse_c, rest_c, row_scale[start:end], ignore_index,
+                                eps, out=logits_c, triton=triton)  # (n, V)
+        if grad_hidden is not None:
+            torch.mm(dlogits, weight, out=grad_hidden[start:end])  # (n, C)
+        if grad_weight is not None:  # += dlogits.T (V, n) @ h_c (n, C)
+            if dlogits.dtype == torch.float32:
+                grad_weight.addmm_(dlogits.t(), h_c)
+            else:  # one product in the input dtype (fp32 accumulate inside the matmul), summed in fp32
+                grad_weight.add_(dlogits.t() @ h_c)
+        del logits_c, dlogits
+    return grad_hidden, (grad_weight.to(weight.dtype) if grad_weight is not None else None)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, reduction, eps, num_tokens, chunk_size,
                 grad_enabled):
-        N, C = hidden.shape
-        need_h = grad_enabled and ctx.needs_input_grad[0]  # grad mode is always off inside forward
-        need_w = grad_enabled and ctx.needs_input_grad[1]
+        N = hidden.shape[0]
         ctx.options = (ignore_index, reduction, eps, chunk_size)
-        losses = torch.empty(N, dtype=torch.float32, device=hidden.device)  # (N,)
-        grads_now = reduction != "none" and (need_h or need_w)
-        triton = use_triton(hidden.device)  # decided once, not per chunk
+        grads_now = grad_enabled and reduction != "none"  # grad mode is always off inside forward
         if reduction == "mean":
             denominator = mean_denominator(targets, ignore_index, num_tokens)
             row_scale = (1.0 / denominator).expand(N)  # (N,), stride 0
         else:
             row_scale = torch.ones((), dtype=torch.float32, device=hidden.device).expand(N)  # (N,)
-        grad_hidden = (torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
-                       if grads_now and need_h else None)  # (N, C), contiguous
-        grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-                       if grads_now and need_w else None)  # (V, C) fp32 accumulator
-
-        for start, end in _chunks(N, chunk_size):
-            h_c, t_c = hidden[start:end], targets[start:end]  # (n, C), (n,)
-            logits_c = h_c @ weight.t()  # (n, V)
-            loss_c, lse_c, rest_c = forward_rows(logits_c, t_c, ignore_index, eps, triton)
-            losses[start:end] = loss_c
-            if not grads_now:
-                continue
-            # dL/dlogits for this chunk, written over the logits (they are not needed any more)
-            dlogits = backward_rows(logits_c, t_c, lse_c, rest_c, row_scale[start:end], ignore_index,
-                                    eps, out=logits_c, triton=triton)  # (n, V)
-            if grad_hidden is not None:
-                torch.mm(dlogits, weight, out=grad_hidden[start:end])  # (n, C)
-            if grad_weight is not None:
-                _accumulate_weight_grad(grad_weight, dlogits, h_c)
-            del logits_c, dlogits
-
+        losses = torch.empty(N, dtype=torch.float32, device=hidden.device)  # (N,)
+        ctx.grads = _chunk_pass(hidden, weight, targets, ignore_index, eps, chunk_size, row_scale,
+                                grads_now and ctx.needs_input_grad[0], grads_now and ctx.needs_input_grad[1], losses)
         if reduction == "none":
             ctx.save_for_backward(hidden, weight, targets)
             return losses
-        ctx.grads = (grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None)
         total = losses.sum()
         return total if reduction == "sum" else total / denominator
 
     @staticmethod
     def backward(ctx, grad_out):
         ignore_index, reduction, eps, chunk_size = ctx.options
-        if reduction == "none":
-            return _recompute_backward(ctx, grad_out) + (None,) * 7
+        if reduction == "none":  # recompute each chunk's logits and apply the per-row upstream gradient (N,)
+            hidden, weight, targets = ctx.saved_tensors
+            return _chunk_pass(hidden, weight, targets, ignore_index, eps, chunk_size, grad_out.float(),
+                               *ctx.needs_input_grad[:2]) + (None,) * 7
         if getattr(ctx, "grads", None) is None:
             raise RuntimeError("fused_linear_cross_entropy: backward() ran twice through the same graph; the "
                                "gradients were computed in forward and are consumed by the first backward")
-        grad_hidden, grad_weight = ctx.grads
-        ctx.grads = None
+        grads, ctx.grads = ctx.grads, None  # (grad_hidden, grad_weight), each None when not needed
         scale = grad_out.float()
-        if grad_hidden is not None:
-            grad_hidden = grad_hidden.mul_(scale.to(grad_hidden.dtype))
-        if grad_weight is not None:
-            grad_weight = grad_weight.mul_(scale.to(grad_weight.dtype))
-        return (grad_hidden, grad_weight) + (None,) * 7
-
-
-def _recompute_backward(ctx, grad_out: torch.Tensor):
-    """reduction='none': recompute each chunk's logits and apply the per-row upstream gradient (N,)."""
-    hidden, weight, targets = ctx.saved_tensors
-    ignore_index, _, eps, chunk_size = ctx.options
-    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-    row_scale = grad_out.float()  # (N,)
-    triton = use_triton(hidden.device)
-    for start, end in _chunks(hidden.shape[0], chunk_size):
-        h_c, t_c = hidden[start:end], targets[start:end]  # (n, C), (n,)
-        logits_c = h_c @ weight.t()  # (n, V)
-        _, lse_c, rest_c = forward_rows(logits_c, t_c, ignore_index, eps, triton)
-        dlogits = backward_rows(logits_c, t_c, lse_c, rest_c, row_scale[start:end], ignore_index, eps,
-                                out=logits_c, triton=triton)  # (n, V)
-        if grad_hidden is not None:
-            torch.mm(dlogits, weight, out=grad_hidden[start:end])
-        if grad_weight is not None:
-            _accumulate_weight_grad(grad_weight, dlogits, h_c)
-        del logits_c, dlogits
-    return grad_hidden, (grad_weight.to(weight.dtype) if grad_weight is not None else None)
+        return tuple(g if g is None else g.mul_(scale.to(g.dtype)) for g in grads) + (None,) * 7
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -165,8 +135,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
 
     hidden (N, C) and weight (V, C): same float dtype (fp32, fp16, bf16) and device; targets (N,)
     integer ids in [0, V) or ``ignore_index``. Options as in ``minilife.kernels.cross_entropy``.
-    chunk_size: rows per chunk (default: ``default_chunk_size(N, C, V)``). Returns float32.
-    """
+    chunk_size: rows per chunk (default: ``default_chunk_size(N, C, V)``). Returns float32."""
     fn = "fused_linear_cross_entropy"
     if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
         amp_dtype = torch.get_autocast_dtype(hidden.device.type)  # what F.linear would compute in

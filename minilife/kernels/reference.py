@@ -34,8 +34,7 @@ def attention_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     sm_scale: multiplies the scores; default 1/sqrt(D).
     mask: optional bool tensor broadcastable to (B, H, T, S), True = may attend; combined with
     ``causal`` by AND. A query row that may attend nothing gets an all-zero output (and zero
-    gradient) instead of NaN.
-    """
+    gradient) instead of NaN."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"attention_naive: q, k, v must be 4-D (B, H, T, D); got q{tuple(q.shape)}, "
                          f"k{tuple(k.shape)}, v{tuple(v.shape)}")
@@ -74,8 +73,7 @@ def cross_entropy_naive(logits: torch.Tensor, targets: torch.Tensor, ignore_inde
     rows whose target is ``ignore_index`` contribute 0 and are not counted.
     reduction: "none" -> (N,) (0 at ignored rows); "sum" -> scalar; "mean" -> sum / (number of
     non-ignored rows), which is NaN when every row is ignored (as in ``F.cross_entropy``).
-    Returned in logits' dtype.
-    """
+    Returned in logits' dtype."""
     if logits.dim() != 2:
         raise ValueError(f"cross_entropy_naive: logits must be (N, V), got shape {tuple(logits.shape)}")
     if targets.dim() != 1 or targets.shape[0] != logits.shape[0]:
@@ -107,8 +105,6 @@ def cross_entropy_naive(logits: torch.Tensor, targets: torch.Tensor, ignore_inde
         nll = (1.0 - label_smoothing) * nll + label_smoothing * smooth
     losses = torch.where(keep, nll, torch.zeros_like(nll))  # (N,)
 
-    if reduction == "none":
-        return losses
-    if reduction == "sum":
-        return losses.sum()
-    return losses.sum() / keep.sum().to(losses.dtype)
+    if reduction == "mean":
+        return losses.sum() / keep.sum().to(losses.dtype)
+    return losses if reduction == "none" else losses.sum()

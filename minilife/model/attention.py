@@ -38,8 +38,7 @@ MaskSpec = Union[str, torch.Tensor]
 def causal_mask(t_q: int, t_k: int, device=None) -> torch.Tensor:
     """Bool (Tq, Tk), True where query i may see key j. Queries are the *last* Tq of the Tk positions
     (the KV-cache case), so query i sits at absolute position i + (Tk - Tq) and sees j <= that."""
-    offset = t_k - t_q
-    q_pos = torch.arange(t_q, device=device).unsqueeze(1) + offset  # (Tq, 1)
+    q_pos = torch.arange(t_q, device=device).unsqueeze(1) + (t_k - t_q)  # (Tq, 1)
     k_pos = torch.arange(t_k, device=device).unsqueeze(0)  # (1, Tk)
     return k_pos <= q_pos  # (Tq, Tk)
 
@@ -61,8 +60,7 @@ def build_attention_mask(attn_mask, prefix_lengths, batch: int, t: int, device, 
     Every query row of a tensor mask must allow at least one key (otherwise softmax gives NaN).
     padding_mask: None or bool (B, past + T), True = real token (HF's attention_mask): padded keys are
     never attended, and a padded query attends every key (its output is don't-care; a softmax over no
-    key would be NaN). past: positions already in a KV cache, before the T queries; causal only.
-    """
+    key would be NaN). past: positions already in a KV cache, before the T queries; causal only."""
     if past and (prefix_lengths is not None or attn_mask not in (None, "causal")):
         raise ValueError("KV-cache decoding supports causal attention only")
     if isinstance(attn_mask, str) and attn_mask not in ("causal", "full"):
@@ -100,8 +98,7 @@ def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     """softmax(Q K^T / sqrt(D), masked) V written out.
 
     q: (B, H, Tq, D); k, v: (B, H, Tk, D); mask: bool broadcastable to (B, H, Tq, Tk), True = may
-    attend, or None for no mask. Softmax is taken in float32 (or float64). Returns (B, H, Tq, D).
-    """
+    attend, or None for no mask. Softmax is taken in float32 (or float64). Returns (B, H, Tq, D)."""
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, Tq, Tk)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
@@ -122,7 +119,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: MaskSpec, im
         return attention_math(q, k, v, mask, p, training)
     if impl == "triton" and isinstance(mask, str) and p == 0.0:
         from minilife.kernels.flash_attention import flash_attention  # lazy: triton only when chosen
-
         return flash_attention(q, k, v, causal=(mask == "causal"), sm_scale=None)
     if impl not in ATTN_IMPLS:
         raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
@@ -136,8 +132,7 @@ class KVCache:
     """Preallocated keys and values of one attention layer for incremental decoding.
 
     k, v: (B, H, T_max, D). ``length`` is how many positions are filled; ``append`` writes the new
-    keys/values after them and returns views of everything filled so far.
-    """
+    keys/values after them and returns views of everything filled so far."""
 
     def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, device=None, dtype=torch.float32):
         self.k = torch.zeros(batch, n_head, max_len, head_dim, device=device, dtype=dtype)
@@ -160,8 +155,7 @@ class CausalSelfAttention(nn.Module):
 
     ``forward(x, cos, sin, mask, cache=None)``: x (B, T, C); cos, sin (T, D/2) or (B, T, D/2) for the
     tokens' positions; mask a ``MaskSpec`` for T queries over the T keys (with a cache: over its L + T
-    keys, the queries being the last T; "causal" then means they see all before them). Returns (B, T, C).
-    """
+    keys, the queries being the last T; "causal" then means they see all before them). Returns (B, T, C)."""
 
     def __init__(self, n_embd: int, n_head: int, attn_impl: str = "sdpa", dropout: float = 0.0):
         super().__init__()

@@ -35,8 +35,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 class RMSNorm(nn.Module):
     """Root-mean-square norm over the last dimension with a learned gain (no bias, no mean removal).
 
-    x: (..., C) -> (..., C), same dtype as x.
-    """
+    x: (..., C) -> (..., C), same dtype as x."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -54,10 +53,7 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-# --------------------------------------------------------------------------------------------
 # rotary position embeddings
-
-
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0,
                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the angles pos * theta^(-2i/D), i = 0..D/2-1, for integer ``positions`` (any shape
@@ -74,8 +70,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate adjacent channel pairs of ``x`` by the angles whose cos/sin are given.
 
     x: (B, H, T, D); cos, sin: (T, D/2) shared by the batch, or (B, T, D/2) per sequence.
-    Pair (x[2i], x[2i+1]) -> (x[2i] cos - x[2i+1] sin, x[2i] sin + x[2i+1] cos). Returns (B, H, T, D).
-    """
+    Pair (x[2i], x[2i+1]) -> (x[2i] cos - x[2i+1] sin, x[2i] sin + x[2i+1] cos). Returns (B, H, T, D)."""
     B, H, T, D = x.shape
     if cos.dim() == 3:  # per-sequence positions
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, T, D/2) -> (B, 1, T, D/2): broadcast over heads
@@ -103,10 +98,7 @@ class RotaryEmbedding(nn.Module):
         return self.cos_cached[positions], self.sin_cached[positions]
 
 
-# --------------------------------------------------------------------------------------------
 # feed-forward and embeddings
-
-
 def default_ffn_hidden(n_embd: int, multiple_of: int = 32) -> int:
     """SwiGLU hidden width: 8/3 * C (keeps the parameter count of a 4C GELU MLP), rounded up."""
     return multiple_of * math.ceil(8 * n_embd / 3 / multiple_of)
@@ -154,12 +146,8 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int, what: str = "token id",
 
 
 class TokenEmbedding(nn.Module):
-    """Lookup table (V, C): ids (B, T) long -> vectors (B, T, C).
-
-    Ids outside [0, V) raise a ValueError naming the offending id and V (one device sync per call,
-    cheap next to a forward pass, and far clearer than a CUDA device-side assert; skipped while
-    torch.compile traces).
-    """
+    """Lookup table (V, C): ids (B, T) long -> vectors (B, T, C). Ids outside [0, V) raise a ValueError
+    (``check_token_ids``: one device sync per call, far clearer than a CUDA device-side assert)."""
 
     def __init__(self, vocab_size: int, n_embd: int):
         super().__init__()

@@ -31,7 +31,6 @@ from minilife.model.layers import check_tensor
 class ObjectiveBatch:
     """inputs, targets: (B, T) long (targets use ignore_index where no loss is taken); attention:
     keyword arguments for GPT.forward (attn_mask and/or prefix_lengths)."""
-
     inputs: torch.Tensor
     targets: torch.Tensor
     attention: dict = field(default_factory=dict)
@@ -55,8 +54,7 @@ def prefix_lm_batch(tokens: torch.Tensor, prefix_lengths: torch.Tensor | int | N
 
     prefix_lengths: (B,) or an int for all rows, each in [1, T]; None draws each row's p uniformly
     from [1, T - 1] with ``generator`` (so at least one suffix token is trained).
-    The returned attention is {"prefix_lengths": (B,)}.
-    """
+    The returned attention is {"prefix_lengths": (B,)}."""
     _check_tokens(tokens, 3)
     inputs, targets = tokens[:, :-1], tokens[:, 1:].clone()  # (B, T) each
     B, T = inputs.shape
@@ -83,8 +81,7 @@ def masked_lm_batch(tokens: torch.Tensor, mask_id: int, vocab_size: int, *, mask
     mask_id: the [MASK] token (must be < vocab_size); random replacements are uniform over
     [0, vocab_size). Tokens in ``special_ids`` (e.g. end-of-text) are never chosen. The random draws
     are made on the CPU with ``generator`` (reproducible on any device) and moved to tokens.device.
-    Returns attention {"attn_mask": "full"}.
-    """
+    Returns attention {"attn_mask": "full"}."""
     _check_tokens(tokens, 1)
     if not 0 <= mask_id < vocab_size:
         raise ValueError(f"mask_id={mask_id} must be a token id in [0, vocab_size={vocab_size})")

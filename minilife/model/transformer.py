@@ -45,7 +45,6 @@ REDUCTIONS = ("mean", "sum", "none")
 @dataclass
 class ModelConfig:
     """Shape and implementation choices of the GPT. ``ModelConfig.preset("tiny")`` is the CPU default."""
-
     vocab_size: int = 2048
     context_length: int = 128
     n_layer: int = 4
@@ -72,10 +71,9 @@ class ModelConfig:
                              "RoPE rotates channel pairs and needs an even head_dim")
         if self.ffn_hidden is not None and (not isinstance(self.ffn_hidden, int) or self.ffn_hidden <= 0):
             raise ValueError(f"ModelConfig.ffn_hidden must be None or a positive integer, got {self.ffn_hidden!r}")
-        if self.attn_impl not in ATTN_IMPLS:
-            raise ValueError(f"ModelConfig.attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
-        if self.loss_impl not in LOSS_IMPLS:
-            raise ValueError(f"ModelConfig.loss_impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
+        for name, allowed in (("attn_impl", ATTN_IMPLS), ("loss_impl", LOSS_IMPLS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"ModelConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.norm_eps <= 0 or self.rope_theta <= 0:
@@ -114,7 +112,6 @@ class Generation(NamedTuple):
     ids (pad_id after a row's stop); completion_mask (bool), True exactly at the new tokens that count
     (the stop id included); prompt_mask (bool), True at real prompt tokens. ``padding_mask`` (their
     union) is what to pass back to the model to score the sequences."""
-
     tokens: torch.Tensor
     completion_mask: torch.Tensor
     prompt_mask: torch.Tensor
@@ -163,10 +160,9 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() < 2:
                 nn.init.ones_(p)  # RMSNorm gains
-            elif name.endswith("attn.proj.weight") or name.endswith("ffn.w2.weight"):
-                nn.init.normal_(p, mean=0.0, std=resid_std)
             else:
-                nn.init.normal_(p, mean=0.0, std=0.02)
+                resid = name.endswith(("attn.proj.weight", "ffn.w2.weight"))
+                nn.init.normal_(p, mean=0.0, std=resid_std if resid else 0.02)
 
     def _check_tying(self, state_dict, prefix, *_) -> None:
         """load_state_dict pre-hook: refuse weights whose embedding/head tying differs from the model's
@@ -179,7 +175,6 @@ class GPT(nn.Module):
                                    f"{'==' if tied else '!='} lm_head.weight) but this model has tie_embeddings="
                                    f"{self.cfg.tie_embeddings}; build it with ModelConfig(tie_embeddings={tied})")
 
-    # ----------------------------------------------------------------------------------------
     def hidden(self, idx: torch.Tensor, *, padding_mask: torch.Tensor | None = None,
                positions: torch.Tensor | None = None, attn_mask=None, prefix_lengths: torch.Tensor | None = None,
                caches: list[KVCache] | None = None) -> torch.Tensor:
@@ -189,8 +184,7 @@ class GPT(nn.Module):
         positions it is (B, L + T), covering those too. Padded keys are never attended; outputs at
         padded positions are don't-care. positions: long (B, T) RoPE positions in [0, context_length);
         by default each row counts its real tokens (cumsum - 1), so its first real token is at 0
-        whatever the padding side. With ``caches`` (one KVCache per layer) the T tokens follow the L.
-        """
+        whatever the padding side. With ``caches`` (one KVCache per layer) the T tokens follow the L."""
         check_tensor(idx, "idx", ("B", "T"))
         (B, T), T_max = idx.shape, self.cfg.context_length
         L = caches[0].length if caches else 0
@@ -210,11 +204,8 @@ class GPT(nn.Module):
         x = self.drop(self.tok_emb(idx))  # (B, T, C)
         use_ckpt = self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled() and not caches
         for i, block in enumerate(self.blocks):
-            cache = caches[i] if caches else None
-            if use_ckpt:
-                x = checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, mask, cache)
+            args = (x, cos, sin, mask, caches[i] if caches else None)
+            x = checkpoint(block, *args, use_reentrant=False) if use_ckpt else block(*args)
         return self.norm_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
@@ -225,8 +216,7 @@ class GPT(nn.Module):
 
         Returns (logits (B, T, V) or None, loss or None). loss is a scalar for reduction "mean"/"sum"
         and (B, T) for "none" (0 at ignored positions). logits is None only for loss_impl="fused"
-        with targets given.
-        """
+        with targets given."""
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         if targets is not None:
@@ -242,26 +232,21 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(h), None
         flat_targets = targets.reshape(B * T)  # (B*T,)
+        opts, logits = dict(ignore_index=ignore_index, reduction=reduction), None
         if self.cfg.loss_impl == "fused":
             from minilife.kernels.fused_linear_ce import fused_linear_cross_entropy  # lazy: triton
-
-            flat_h = h.reshape(B * T, C)  # (B, T, C) -> (B*T, C)
-            loss = fused_linear_cross_entropy(flat_h, self.lm_head.weight, flat_targets,
-                                              ignore_index=ignore_index, reduction=reduction)
-            return None, (loss.view(B, T) if reduction == "none" else loss)  # "none": (B*T,) -> (B, T)
-        logits = self.lm_head(h)  # (B, T, V)
-        flat_logits = logits.reshape(B * T, -1)  # (B*T, V)
-        if self.cfg.loss_impl == "triton":
-            from minilife.kernels.cross_entropy import cross_entropy  # lazy: triton
-
-            loss = cross_entropy(flat_logits, flat_targets, ignore_index=ignore_index, reduction=reduction)
+            loss = fused_linear_cross_entropy(h.reshape(B * T, C), self.lm_head.weight, flat_targets, **opts)
         else:
-            # upcast: bf16 logits lose too much in log-sum-exp
-            loss = F.cross_entropy(flat_logits.to(torch.promote_types(logits.dtype, torch.float32)), flat_targets,
-                                   ignore_index=ignore_index, reduction=reduction)
+            logits = self.lm_head(h)  # (B, T, V)
+            flat_logits = logits.reshape(B * T, -1)  # (B*T, V)
+            if self.cfg.loss_impl == "triton":
+                from minilife.kernels.cross_entropy import cross_entropy  # lazy: triton
+                loss = cross_entropy(flat_logits, flat_targets, **opts)
+            else:  # upcast: bf16 logits lose too much in log-sum-exp
+                upcast = flat_logits.to(torch.promote_types(logits.dtype, torch.float32))
+                loss = F.cross_entropy(upcast, flat_targets, **opts)
         return logits, (loss.view(B, T) if reduction == "none" else loss)  # "none": (B*T,) -> (B, T)
 
-    # ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  use_cache: bool = True, generator: torch.Generator | None = None, *,
@@ -275,8 +260,7 @@ class GPT(nn.Module):
         temperature 0 = greedy; top_k keeps the k most likely tokens; ``generator`` (any device) makes
         sampling reproducible. Runs in eval mode, restoring the mode after. Without a cache the input is
         cropped to the last context_length tokens each step (a sliding window); with a cache, once the
-        window is full, decoding continues the same way without it, so both paths give the same tokens.
-        """
+        window is full, decoding continues the same way without it, so both paths give the same tokens."""
         if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k <= 0):
             raise ValueError(f"need max_new_tokens >= 0, temperature >= 0 (0 = greedy) and top_k None or > 0, "
                              f"got {max_new_tokens}, {temperature}, {top_k}")
@@ -339,7 +323,6 @@ class GPT(nn.Module):
             return torch.multinomial(probs.cpu(), num_samples=1, generator=generator).to(probs.device)
         return torch.multinomial(probs, num_samples=1, generator=generator)
 
-    # ----------------------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (a tied matrix once). non_embedding=True leaves out the token table, the
         count Kaplan et al. (2020) use for scaling laws (an untied LM head is still counted)."""
@@ -349,11 +332,9 @@ class GPT(nn.Module):
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Two optimizer groups: 2-D weight matrices decay; norm gains, biases and the token
         embedding (and a tied LM head, which is the same tensor) do not. Frozen parameters are left out."""
-        decay, no_decay, seen = [], [], set()
-        for name, p in self.named_parameters():
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            (decay if p.dim() >= 2 and p is not self.tok_emb.weight else no_decay).append(p)
+        decay, no_decay = [], []
+        for p in self.parameters():  # yields a shared (tied) tensor once
+            if p.requires_grad:
+                (decay if p.dim() >= 2 and p is not self.tok_emb.weight else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return [g for g in groups if g["params"]]

@@ -31,8 +31,7 @@ import torch
 class AdamW(torch.optim.Optimizer):
     """AdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2).
 
-    State per parameter: ``step`` (int), ``exp_avg`` (m) and ``exp_avg_sq`` (v), each shaped like p.
-    """
+    State per parameter: ``step`` (int), ``exp_avg`` (m) and ``exp_avg_sq`` (v), each shaped like p."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2):
@@ -68,13 +67,11 @@ class AdamW(torch.optim.Optimizer):
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 state["step"] += 1
                 t = state["step"]
-
                 if wd != 0.0:
                     p.mul_(1.0 - lr * wd)  # decoupled decay
                 m.mul_(beta1).add_(g, alpha=1.0 - beta1)
                 v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-                bias1 = 1.0 - beta1 ** t
-                bias2 = 1.0 - beta2 ** t
+                bias1, bias2 = 1.0 - beta1 ** t, 1.0 - beta2 ** t
                 # lr * (m / bias1) / (sqrt(v / bias2) + eps), arranged as torch does to avoid a temporary
                 denom = (v.sqrt() / math.sqrt(bias2)).add_(eps)
                 p.addcdiv_(m, denom, value=-lr / bias1)

@@ -18,6 +18,7 @@ sharded (distributed) norms.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Iterable
 
@@ -28,8 +29,7 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: 
     """Scale all gradients in place so their global L2 norm is at most ``max_norm``.
 
     parameters: tensors (e.g. model.parameters()); a single tensor is accepted too.
-    Returns the global norm before clipping (0.0 when no parameter has a gradient).
-    """
+    Returns the global norm before clipping (0.0 when no parameter has a gradient)."""
     if not max_norm > 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm}")
     if isinstance(parameters, torch.Tensor):
@@ -42,13 +42,10 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: 
     if not grads:
         return 0.0
     device = grads[0].device
-    # one norm per tensor (in its own dtype, at least float32), then the norm of those norms
-    dtype = torch.float32
-    for g in grads:
-        dtype = torch.promote_types(dtype, g.dtype)
+    # one norm per tensor (in the widest of their dtypes, at least float32), then the norm of those norms
+    dtype = functools.reduce(torch.promote_types, (g.dtype for g in grads), torch.float32)
     per_tensor = [torch.linalg.vector_norm(g, 2, dtype=dtype).to(device) for g in grads]
-    total = torch.linalg.vector_norm(torch.stack(per_tensor), 2)
-    norm = float(total)
+    norm = float(torch.linalg.vector_norm(torch.stack(per_tensor), 2))
     if not math.isfinite(norm):
         return norm  # leave the gradients as they are (see module docstring)
     if norm > max_norm:

@@ -45,8 +45,7 @@ class PlateauScheduler:
 
     ``lr = sched.step(val_loss)`` after each evaluation; if an ``optimizer`` is given its groups' lr
     are set to the new value when it changes. An evaluation improves when
-    val_loss < best * (1 - threshold) (relative threshold, as torch's default); NaN never improves.
-    """
+    val_loss < best * (1 - threshold) (relative threshold, as torch's default); NaN never improves."""
 
     def __init__(self, lr: float, *, factor: float = 0.5, patience: int = 3, threshold: float = 1e-4,
                  min_lr: float = 0.0, optimizer=None):
@@ -56,10 +55,8 @@ class PlateauScheduler:
             raise ValueError(f"PlateauScheduler: lr, patience, threshold and min_lr must be >= 0, got "
                              f"lr={lr}, patience={patience}, threshold={threshold}, min_lr={min_lr}")
         self.lr, self.factor, self.patience, self.threshold, self.min_lr = lr, factor, patience, threshold, min_lr
-        self.optimizer = optimizer
-        self.best = math.inf
+        self.optimizer, self.best, self.num_reductions = optimizer, math.inf, 0
         self.num_bad = 0  # evaluations since the last improvement
-        self.num_reductions = 0
 
     def step(self, val_loss: float) -> float:
         val_loss = float(val_loss)
@@ -91,18 +88,15 @@ class EarlyStopping:
 
     ``if stopper.should_stop(val_loss, step): break``. An evaluation improves when
     val_loss < best - min_delta; a NaN loss never improves (a diverged run runs out of patience).
-    ``best`` and ``best_step`` say which checkpoint to keep.
-    """
+    ``best`` and ``best_step`` say which checkpoint to keep."""
 
     def __init__(self, patience: int = 5, min_delta: float = 0.0):
         if patience < 1 or min_delta < 0:
             raise ValueError(f"EarlyStopping needs patience >= 1 and min_delta >= 0, got "
                              f"patience={patience}, min_delta={min_delta}")
         self.patience, self.min_delta = patience, min_delta
-        self.best = math.inf
-        self.best_step: int | None = None
-        self.num_bad = 0
-        self.num_calls = 0
+        self.best, self.best_step = math.inf, None
+        self.num_bad, self.num_calls = 0, 0
 
     def should_stop(self, val_loss: float, step: int | None = None) -> bool:
         """Record one evaluation (``step`` defaults to the evaluation count) and say whether to stop."""
