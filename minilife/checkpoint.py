@@ -16,9 +16,7 @@ What it implements
   name the file for: a missing file, a truncated or corrupt file, a file that is not a minilife
   checkpoint, and a config that differs from the one given (naming each differing field and both
   values) -- e.g. resuming a 4-layer run into a 6-layer model.
-- ``checkpoint_path`` / ``latest_checkpoint`` / ``prune_checkpoints`` / ``save_rotating``: the
-  ``ckpt_step000100.pt`` naming scheme, a ``last.pt`` pointing at the newest (a hard link, so pruning
-  older files never breaks it), and keep-last-k pruning.
+- (The numbered checkpoints of a run directory, ``last.pt`` and pruning live in ``minilife.runs``.)
 - ``check_finite``: the NaN guard a training loop calls each step; it raises ``NonFiniteLossError``
   naming the step and the last good checkpoint to resume from.
 
@@ -31,7 +29,6 @@ import json
 import math
 import os
 import random
-import re
 import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Mapping
@@ -41,7 +38,6 @@ import torch
 
 FORMAT = "minilife-checkpoint"
 FORMAT_VERSION = 1
-_STEP_NAME = re.compile(r"^ckpt_step(\d+)\.pt$")
 
 
 class CheckpointError(ValueError):
@@ -296,82 +292,6 @@ def load_checkpoint(path: str | os.PathLike | BinaryIO, *, model: torch.nn.Modul
         set_rng_state(ckpt["rng"])
     return {"step": ckpt["step"], "data_state": ckpt["data_state"], "extra": ckpt["extra"],
             "config": ckpt["config"], "path": path}
-
-
-# --------------------------------------------------------------------------------------------
-# naming, latest, pruning
-
-
-def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
-    """``<directory>/ckpt_step000100.pt`` for step 100 (zero-padded so names sort by step)."""
-    return Path(directory) / f"ckpt_step{step:06d}.pt"
-
-
-def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
-    """[(step, path)] of the numbered checkpoints in ``directory``, oldest first ([] if none)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_NAME.match(p.name))]
-    return sorted(found)
-
-
-def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The numbered checkpoint with the highest step, else ``last.pt`` if present, else None."""
-    found = list_checkpoints(directory)
-    if found:
-        return found[-1][1]
-    last = Path(directory) / "last.pt"
-    return last if last.is_file() else None
-
-
-def latest_intact_checkpoint(directory: str | os.PathLike) -> tuple[Path | None, list[str]]:
-    """(the newest numbered checkpoint that passes ``verify_checkpoint``, or None; one message per
-    newer checkpoint skipped as damaged). ``last.pt`` links the newest file, so it shares its fate."""
-    skipped = []
-    for _, path in reversed(list_checkpoints(directory)):
-        try:
-            verify_checkpoint(path)
-            return path, skipped
-        except CheckpointError as e:
-            skipped.append(str(e))
-    return None, skipped
-
-
-def prune_checkpoints(directory: str | os.PathLike, keep_last: int) -> list[Path]:
-    """Delete all but the ``keep_last`` newest numbered checkpoints; ``last.pt`` is never touched."""
-    if keep_last < 1:
-        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    doomed = [p for _, p in list_checkpoints(directory)[:-keep_last]]
-    for p in doomed:
-        p.unlink(missing_ok=True)
-    return doomed
-
-
-def save_rotating(directory: str | os.PathLike, *, step: int, keep_last: int | None = 3, **kwargs: Any) -> Path:
-    """Save ``ckpt_step<step>.pt`` in ``directory`` (atomically), point ``last.pt`` at it, prune.
-
-    ``kwargs`` are ``save_checkpoint``'s (model, optimizer, config, data_state, extra). ``last.pt``
-    is a hard link swapped in with ``os.replace`` (a copy where links are unsupported), so it is
-    always a complete file.
-    """
-    path = save_checkpoint(checkpoint_path(directory, step), step=step, **kwargs)
-    last = path.with_name("last.pt")
-    tmp = last.with_name(f".last.pt.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
-        try:
-            os.link(path, tmp)
-        except OSError:
-            import shutil
-
-            shutil.copyfile(path, tmp)
-        os.replace(tmp, last)
-    finally:
-        tmp.unlink(missing_ok=True)
-    if keep_last is not None:
-        prune_checkpoints(directory, keep_last)
-    return path
 
 
 # --------------------------------------------------------------------------------------------

@@ -228,10 +228,8 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
     if isinstance(o, torch.Tensor) and o.numel() == 1:
         return o.item()
     if isinstance(o, Path):
@@ -258,8 +256,7 @@ class MetricsLogger:
         self._fh.flush()
 
     def close(self) -> None:
-        if not self._fh.closed:
-            self._fh.close()
+        self._fh.close()  # a second close does nothing
 
     def __enter__(self) -> "MetricsLogger":
         return self
@@ -292,14 +289,9 @@ def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read a JSONL file written by MetricsLogger; a bad line raises ValueError naming file and line."""
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    rows, bad = read_jsonl_lines(path)
+    if bad:
+        raise ValueError(f"{path}:{bad[0]}: not valid JSON (a line torn by a crash?)")
     return rows
 
 

@@ -14,6 +14,9 @@ What it implements
 - ``InterruptGuard``: the first Ctrl-C (SIGINT) only sets a flag that the loop reads between
   steps, so a step is never cut in half; the loop then saves a checkpoint and the summary and
   raises ``RunInterrupted``. A second Ctrl-C stops at once.
+- ``save_rotating`` / ``latest_intact_checkpoint``: ``ckpt_step000100.pt`` files, a ``last.pt`` hard
+  link to the newest (so pruning older files never breaks it), keep-last-k pruning, and the newest
+  checkpoint whose checksums verify (a damaged newer one is skipped, and reported).
 - ``cli``: the one entry point of every chapter. Usage errors (a bad flag, a missing device, an
   output path under a file) end with one line and exit code 2; the project's other errors (a corrupt
   checkpoint or tokenizer, a truncated shard, a full disk, a NaN loss) with one line naming the file
@@ -26,6 +29,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
+import shutil
 import signal
 import sys
 import traceback
@@ -33,9 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from minilife.checkpoint import config_diff
+from minilife.checkpoint import CheckpointError, config_diff, save_checkpoint, verify_checkpoint
 from minilife.common import RunConfig, UsageError, cli_field, read_jsonl_lines, write_jsonl_atomic
 
+STEP_NAME = re.compile(r"^ckpt_step(\d+)\.pt$")
 RUN_FILES = ("ckpt_step*.pt", "last.pt", "metrics.jsonl", "summary.json", "*.png", ".*.tmp-*")
 
 
@@ -149,3 +156,68 @@ def cli(main: Callable[[list[str]], Any], chapter: str, argv: list[str] | None =
             print(f"[{chapter}] error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
                   f"  (--debug shows the traceback)", file=sys.stderr)
         raise SystemExit(2 if isinstance(e, UsageError) else 1) from None
+
+
+# --------------------------------------------------------------------------------------------
+# the numbered checkpoints of a run directory: naming, newest intact, pruning, last.pt
+
+
+def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
+    """``<directory>/ckpt_step000100.pt`` for step 100 (zero-padded so names sort by step)."""
+    return Path(directory) / f"ckpt_step{step:06d}.pt"
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
+    """[(step, path)] of the numbered checkpoints in ``directory``, oldest first ([] if none)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STEP_NAME.match(p.name))]
+    return sorted(found)
+
+
+def latest_intact_checkpoint(directory: str | os.PathLike) -> tuple[Path | None, list[str]]:
+    """(the newest numbered checkpoint that passes ``verify_checkpoint``, or None; one message per
+    newer checkpoint skipped as damaged). ``last.pt`` links the newest file, so it shares its fate."""
+    skipped = []
+    for _, path in reversed(list_checkpoints(directory)):
+        try:
+            verify_checkpoint(path)
+            return path, skipped
+        except CheckpointError as e:
+            skipped.append(str(e))
+    return None, skipped
+
+
+def prune_checkpoints(directory: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete all but the ``keep_last`` newest numbered checkpoints; ``last.pt`` is never touched."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    doomed = [p for _, p in list_checkpoints(directory)[:-keep_last]]
+    for p in doomed:
+        p.unlink(missing_ok=True)
+    return doomed
+
+
+def save_rotating(directory: str | os.PathLike, *, step: int, keep_last: int | None = 3, **kwargs: Any) -> Path:
+    """Save ``ckpt_step<step>.pt`` in ``directory`` (atomically), point ``last.pt`` at it, prune.
+
+    ``kwargs`` are ``save_checkpoint``'s (model, optimizer, config, data_state, extra). ``last.pt``
+    is a hard link swapped in with ``os.replace`` (a copy where links are unsupported), so it is
+    always a complete file.
+    """
+    path = save_checkpoint(checkpoint_path(directory, step), step=step, **kwargs)
+    last = path.with_name("last.pt")
+    tmp = last.with_name(f".last.pt.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, last)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if keep_last is not None:
+        prune_checkpoints(directory, keep_last)
+    return path

@@ -11,18 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from minilife.checkpoint import (
-    CheckpointError,
-    NonFiniteLossError,
-    check_finite,
-    checkpoint_path,
-    latest_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    read_checkpoint,
-    save_checkpoint,
-    save_rotating,
-)
+from minilife.checkpoint import (CheckpointError, NonFiniteLossError, check_finite, load_checkpoint, read_checkpoint,
+                                 save_checkpoint)
+from minilife.runs import checkpoint_path, latest_intact_checkpoint, prune_checkpoints, save_rotating
 
 CONFIG = {"n_layer": 2, "n_embd": 8, "lr": 1e-2, "betas": [0.9, 0.95], "data": {"seed": 1, "batch": 4}}
 
@@ -231,7 +222,7 @@ def test_check_finite_guard(tmp_path):
 
 def test_rotation_latest_and_pruning(tmp_path):
     d = tmp_path / "ckpts"
-    assert latest_checkpoint(d) is None
+    assert latest_intact_checkpoint(d) == (None, [])
     model = make_model()
     for step in (10, 20, 30, 40, 50):
         with torch.no_grad():
@@ -239,7 +230,7 @@ def test_rotation_latest_and_pruning(tmp_path):
         save_rotating(d, step=step, keep_last=2, model=model, config={})
     names = sorted(p.name for p in d.iterdir())
     assert names == ["ckpt_step000040.pt", "ckpt_step000050.pt", "last.pt"]
-    assert latest_checkpoint(d) == checkpoint_path(d, 50)
+    assert latest_intact_checkpoint(d) == (checkpoint_path(d, 50), [])
     fresh = make_model()
     assert load_checkpoint(d / "last.pt", model=fresh)["step"] == 50
     assert fresh[2].bias.item() == 50.0

@@ -54,11 +54,11 @@ import torch
 from tqdm import tqdm
 
 from minilife.artifacts import ensure_data, load_token_data
-from minilife.checkpoint import CheckpointError, check_finite, latest_intact_checkpoint, load_checkpoint, save_rotating
+from minilife.checkpoint import CheckpointError, check_finite, load_checkpoint
 from minilife.common import (MetricsLogger, check_flags, cli_field, config_from_args, fmt_count, plot_lines, read_jsonl,
                              start_run, write_json_atomic)
-from minilife.runs import (InterruptGuard, ResumableConfig, RunInterrupted, check_resume_config, cli, prepare_run_dir,
-                           resume_metrics)
+from minilife.runs import (InterruptGuard, ResumableConfig, RunInterrupted, check_resume_config, cli,
+                           latest_intact_checkpoint, prepare_run_dir, resume_metrics, save_rotating)
 from minilife.model.transformer import GPT, PRESETS, ModelConfig
 from minilife.optim.adamw import AdamW
 from minilife.optim.clip import clip_grad_norm
