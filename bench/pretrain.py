@@ -15,15 +15,15 @@ causal attention, SwiGLU, tied embeddings, mean cross-entropy):
 One timed unit is a full training step (forward, backward, clip, optimizer step, zero_grad) on the
 same batch for every side. Sides are interleaved within each repeat, after warmup steps, and the
 order rotates by one side every repeat (as ``minilife.measure.interleaved_times`` does), so drifting
-machine load and the slot right after another side's step hit all of them alike. Reported: tokens/s min and median per side, ratios ours /
-reference, model FLOPs utilisation against the fp32 matmul peak measured in this run (a large
-torch.matmul), and the bf16 autocast speed-up.
+machine load and the slot right after another side's step hit all of them alike. Reported: tokens/s
+min and median per side, ratios ours / reference, model FLOPs utilisation against the fp32 matmul
+peak measured in this run (a large torch.matmul), and the bf16 autocast speed-up.
 
 Model FLOPs per token (Kaplan et al. 2020; PaLM appendix B): 6 * N_matmul + 12 * L * T * C, where
 N_matmul counts the weights used in matmuls (blocks + LM head; the embedding lookup is free) and the
 second term is attention's QK^T and AV (forward + backward, no discount for the causal half).
 
-    python bench/pretrain.py                 # default shapes: minutes (6.5 on 2 shared cores); prints progress
+    python bench/pretrain.py                 # default shapes: ~30 s on 2 quiet cores, ~3 min on shared ones
     python bench/pretrain.py --quick         # seconds, for a smoke check
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Chapter 1: the lifecycle and its bill -- what training a model costs in memory, FLOPs, time, money.
 
-    python -m minilife.chapters.ch1_budget            # ~40 s on 2 cores (--smoke: ~5 s)
+    python -m minilife.chapters.ch1_budget            # ~5 s on 2 cores (--smoke: ~4 s)
 
 prints the parameter counts, a memory bill per size and precision (the notes' 72 GB and 84 GB
 reproduced from stated assumptions), predicted vs measured bytes on the tiny model, FLOPs = 6ND

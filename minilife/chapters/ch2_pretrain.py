@@ -1,6 +1,6 @@
 """Chapter 2: pretraining the tiny GPT on the world's wiki, the training loop written out.
 
-    python -m minilife.chapters.ch2_pretrain            # ~1.5 min on 2 cores (--smoke: ~10 s)
+    python -m minilife.chapters.ch2_pretrain            # ~1.5 min on 2 cores (--smoke: ~5 s)
 
 prints the model and the baselines (ln V, the unigram entropy of the training tokens), then every
 ``--eval-every`` steps the train and val loss, val perplexity and a sample, and ends with the val

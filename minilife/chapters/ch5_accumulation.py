@@ -1,6 +1,6 @@
 """Chapter 5.3: gradient accumulation gives the big batch's update -- if you normalise by tokens.
 
-    python -m minilife.chapters.ch5_accumulation            # ~20 s on 2 cores (--smoke: ~3 s)
+    python -m minilife.chapters.ch5_accumulation            # ~15 s on 2 cores (--smoke: ~5 s)
 
 prints a table of loss and gradient differences against one big batch (float64): token-weighted
 accumulation at a few eps, the naive per-micro-batch mean off on ragged batches; weight_drift.png

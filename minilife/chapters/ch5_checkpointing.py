@@ -1,6 +1,6 @@
 """Chapter 5.4: the two meanings of checkpointing, each measured.
 
-    python -m minilife.chapters.ch5_checkpointing            # ~25 s on 2 cores (--smoke: ~5 s)
+    python -m minilife.chapters.ch5_checkpointing            # ~20 s on 2 cores (--smoke: ~4 s)
 
 prints a table of the weight difference between an uninterrupted run and killed-and-resumed runs (bitwise
 equal only with everything restored), then gradient checkpointing's activation memory and time

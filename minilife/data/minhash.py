@@ -23,7 +23,7 @@ entries of two signatures estimates the Jaccard similarity of the two shingle se
      ``t = a_hi x < 2^62`` fit, and since ``2^61 = 1 (mod p)``, ``t 2^31 = ((t mod 2^30) << 31) +
      (t >> 30) (mod p)``. The sum with a_lo x and b stays below 2^64; one fold
      ``y -> (y & p) + (y >> 61)`` and ``min(y, y - p)`` (y - p wraps when y < p) give the residue:
-     thirteen numpy operations per value, so about half the throughput (bench/minhash.py).
+     thirteen numpy operations per value, so 0.4-0.5x the throughput (bench/minhash.py).
 
    Neither linear family is min-wise independent: on structured inputs (runs of consecutive
    integers) the estimate's spread grows ~1.3x, hence the fmix32 mixing first. Signatures are
@@ -52,7 +52,7 @@ _MASK31 = _U((1 << 31) - 1)
 _ASCII_SPACE = np.isin(np.arange(256), [9, 10, 11, 12, 13, 28, 29, 30, 31, 32])  # str.isspace() bytes
 _UNICODE_SPACES = re.compile("[\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]")  # the others
 _BATCH_TEXTS = 4096
-_CHUNK_ELEMENTS = 3 << 18  # shingles x permutations per chunk (6 MiB a buffer): fastest in bench/minhash.py
+_CHUNK_ELEMENTS = 3 << 18  # shingles x permutations per chunk, 6 MiB a buffer: the fastest size measured
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,7 +102,7 @@ def _word_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     starts = np.flatnonzero(space[:-2] & ~space[1:-1])  # (W,) first byte of each word
     ends = np.flatnonzero(~space[1:-1] & space[2:]) + 1  # (W,) one past its last byte
     text_start = np.cumsum([0] + [len(e) + 1 for e in encoded[:-1]])  # (N,) first byte of each text
-    n_words = np.diff(np.searchsorted(starts, text_start), append=len(starts))  # (N,) word starts in each
+    n_words = np.diff(np.searchsorted(starts, text_start), append=len(starts))  # (N,) words in each text
     # sum_{k=s}^{e-1} c_k B^(e-1-k) = B^(e-1) (Q[e] - Q[s]) with Q[i] = sum_{k<i} c_k B^-k, c_k =
     # byte + 1; all mod 2^64 (uint64 wraps on purpose; B is odd, so B^-1 mod 2^64 exists)
     powers, inverse, prefix = (np.full(len(buf) + 1, _U(v)) for v in (WORD_BASE, pow(WORD_BASE, -1, 2**64), 0))
