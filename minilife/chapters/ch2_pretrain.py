@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,8 +295,9 @@ def main(argv: list[str] | None = None, *, hook: Callable[[int, GPT], None] | No
               f"{'beats' if summary['beats_unigram'] else 'does NOT beat'} the context-free baseline")
     print(f"[{CHAPTER}] wrote {out}")
     if not finished:
+        flags = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--overwrite", "--resume")]
         raise RunInterrupted(f"interrupted after step {done} of {cfg.max_steps}; saved {last_good} and the summary. "
-                             f"Continue with: python -m minilife.chapters.{CHAPTER} --out {out} --resume")
+                             f"Continue with: python -m minilife.chapters.{CHAPTER} {shlex.join(flags)} --resume")
     return summary
 
 
