@@ -28,7 +28,6 @@ signals other than SIGINT.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import shutil
@@ -149,7 +148,7 @@ def cli(main: Callable[[list[str]], Any], chapter: str, argv: list[str] | None =
     except KeyboardInterrupt as e:
         print(f"[{chapter}] {e or 'interrupted'}", file=sys.stderr)
         raise SystemExit(130) from None
-    except (ValueError, OSError, RuntimeError, FloatingPointError, json.JSONDecodeError) as e:
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as e:  # the project's errors, one line each
         if debug:
             traceback.print_exc()
         else:

@@ -21,7 +21,7 @@ What it does (read ``main`` top to bottom)
 7. Mixing: per-source sampling weights (``--mix``) turn cleaned sizes into effective shares; the
    training documents are drawn to those shares (``data.mix``). Validation documents are held out
    *before* mixing, so an up-weighted document can never sit on both sides of the split.
-8. BPE (``data.bpe.train_bpe``) on the cleaned training documents; compression in tokens per word
+8. BPE (``data.bpe_train.train_bpe``) on the cleaned training documents; compression in tokens per word
    for every prefix of the merge list (a BPE with fewer merges is the same list cut short) and per
    source; 9. packed uint16 shards (``data.pack.pack_corpus``).
 
