@@ -1,8 +1,10 @@
 """Artifacts a chapter, a notebook or a user's script needs from an earlier chapter: ensure, then load.
 
 What it implements
-- ``ensure_data`` / ``ensure_pretrained``: the directory of chapter 2's tokenizer + shards, or a
-  finished pretraining checkpoint; when missing (or unfinished) they run the chapter that makes it,
+- ``ensure_data`` / ``ensure_pretrained`` / ``ensure_sft``: the directory of chapter 2's tokenizer +
+  shards, a finished pretraining checkpoint, or chapter 3's fine-tuned chat model (``model.pt``: plain
+  GPT weights, LoRA merged, and the tokenizer with its chat tokens); when missing (or unfinished) they
+  run the chapter that makes it,
   as its own command (``python -m minilife.chapters.ch2_data ...``) and say so. The library never
   imports a chapter: it knows the command, not the chapter's code.
 - ``load_token_data``: tokenizer + train/val token arrays of a data dir, with the vocabulary of
@@ -77,6 +79,18 @@ def ensure_pretrained(smoke: bool = False, run_dir: str | Path | None = None,
         run_chapter("ch2_pretrain", (["--smoke"] if smoke else []) + ["--out", str(out)]
                     + (["--resume"] if last.is_file() else []) + (["--data-dir", str(data_dir)] if data_dir else []))
     return last
+
+
+def ensure_sft(smoke: bool = False, run_dir: str | Path | None = None, args: list[str] | None = None) -> Path:
+    """Path of chapter 3's exported chat model (``<run_dir>/model.pt``); runs ch3_sft (with ``args``) when
+    it is missing. ``load_pretrained`` reads it like any portable checkpoint."""
+    out = chapter_dir("ch3_sft", smoke, run_dir)
+    model_pt = out / "model.pt"
+    if not model_pt.is_file():
+        print(f"[minilife] no fine-tuned chat model at {model_pt}: training one with ch3_sft")
+        again = ["--resume"] if (out / "last.pt").is_file() else ["--overwrite"]  # finish a run cut short
+        run_chapter("ch3_sft", (["--smoke"] if smoke else []) + ["--out", str(out), *again, *(args or [])])
+    return model_pt
 
 
 def load_pretrained(path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:

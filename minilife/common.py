@@ -300,7 +300,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def plot_lines(path: str | os.PathLike, series: Mapping[str, tuple[Iterable[float], Iterable[float]]],
-               *, title: str = "", xlabel: str = "", ylabel: str = "", logy: bool = False,
+               *, title: str = "", xlabel: str = "", ylabel: str = "", logy: bool = False, logx: bool = False,
                points: Mapping[str, tuple[Iterable[float], Iterable[float]]] | None = None,
                hlines: Mapping[str, float] | None = None) -> Path:
     """Save a line plot as PNG: ``series`` maps a label to (xs, ys); ``points`` are drawn as markers
@@ -319,8 +319,8 @@ def plot_lines(path: str | os.PathLike, series: Mapping[str, tuple[Iterable[floa
         ax.axhline(y, linestyle="--", linewidth=1.0, color="grey")
         ax.annotate(label, xy=(0.01, y), xycoords=("axes fraction", "data"), fontsize=8,
                     va="bottom", color="grey")
-    if logy:
-        ax.set_yscale("log")
+    ax.set_yscale("log" if logy else "linear")
+    ax.set_xscale("log" if logx else "linear")
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

@@ -1,4 +1,18 @@
-"""Alignment after pretraining: SFT, reward model, PPO, DPO. Shared here: masked per-token log-probs."""
+"""Alignment after pretraining: SFT, reward model, PPO, DPO. Shared here: masked per-token log-probs;
+the chat template (chat), SFT data and batches (sft), the template linter and mask viewer (template_lint)."""
+from minilife.align.chat import (CHAT_TEMPLATE, ChatRendering, ChatTemplate, ChatTokenIds, add_chat_tokens,
+                                 chat_token_ids, check_messages, message_errors, render_chat, render_prompt)
 from minilife.align.logprobs import masked_mean, masked_sum, model_logprobs, token_entropy, token_logprobs
+from minilife.align.sft import (SFTBatch, SFTExample, collate, encode_conversation, encode_dataset, iterate_batches,
+                                pack_batch, pad_batch, read_chat_jsonl, sft_loss_sum, shuffled_batches, split_step,
+                                write_chat_jsonl)
+from minilife.align.template_lint import lint_conversation, lint_rendering, looks_like_system_prompt, show_mask, token_name
 
-__all__ = ["masked_mean", "masked_sum", "model_logprobs", "token_entropy", "token_logprobs"]
+__all__ = [
+    "masked_mean", "masked_sum", "model_logprobs", "token_entropy", "token_logprobs",
+    "CHAT_TEMPLATE", "ChatRendering", "ChatTemplate", "ChatTokenIds", "add_chat_tokens", "chat_token_ids",
+    "check_messages", "message_errors", "render_chat", "render_prompt",
+    "SFTBatch", "SFTExample", "collate", "encode_conversation", "encode_dataset", "iterate_batches", "pack_batch",
+    "pad_batch", "read_chat_jsonl", "sft_loss_sum", "shuffled_batches", "split_step", "write_chat_jsonl",
+    "lint_conversation", "lint_rendering", "looks_like_system_prompt", "show_mask", "token_name",
+]

@@ -167,6 +167,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
         self.proj = nn.Linear(n_embd, n_embd, bias=False)  # a residual projection
         self.resid_dropout = nn.Dropout(dropout)
+        self.prefix = None  # prefix tuning's learned keys/values (minilife.model.peft.inject_prefix) go here
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: MaskSpec = "causal",
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -178,6 +179,8 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.append(k, v)  # (B, H, L + T, D)
             if isinstance(mask, str) and mask == "causal" and k.shape[2] > T:
                 mask = causal_mask(T, k.shape[2], x.device)  # (T, L + T); a tensor mask: triton falls back
+        if self.prefix is not None:  # (B, H, P + Tk, D) each; mask bool (B|1, 1, T, P + Tk)
+            k, v, mask = self.prefix(k, v, mask, T)
         y = attend(q, k, v, mask, self.attn_impl, self.dropout, self.training)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, H, T, D) -> (B, T, C)
         return self.resid_dropout(self.proj(y))

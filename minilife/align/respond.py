@@ -1,0 +1,42 @@
+"""Answering chat prompts with a model: the serving side of the chat template, batched.
+
+What it implements
+- ``respond(model, tokenizer, conversations, max_new_tokens)``: each conversation (ending with a user
+  turn) is rendered with ``align.chat.render_prompt`` (the exact training template plus the
+  assistant marker), prompts of similar length are batched together (left-padded by
+  ``GPT.generate``, KV cache on), each row stops at the end-of-turn token or at the end of the
+  model's context (an answer never slides the window past its own prompt), and the answers come back
+  as text in the input order, without the stop token. A prompt longer than the context keeps its
+  last context_length - 1 tokens.
+
+What it leaves out: streaming, beam search, stop strings, and batching by a token budget.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from minilife.align.chat import chat_token_ids, render_prompt
+from minilife.data.bpe import Tokenizer
+
+
+def respond(model: torch.nn.Module, tokenizer: Tokenizer, conversations: Sequence[Sequence[Mapping[str, str]]],
+            max_new_tokens: int, *, batch_size: int = 32, temperature: float = 0.0, top_k: int | None = None,
+            generator: torch.Generator | None = None) -> list[str]:
+    """One answer (str) per conversation; greedy by default (temperature 0)."""
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"need batch_size >= 1 and max_new_tokens >= 1, got {batch_size}, {max_new_tokens}")
+    stop, T = chat_token_ids(tokenizer).end, model.cfg.context_length
+    prompts = [render_prompt(tokenizer, messages)[-(T - 1):] for messages in conversations]  # keep room for 1 token
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
+    answers: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        room = T - max(len(prompts[i]) for i in rows)  # answers stop at the context's end: no sliding window
+        gen = model.generate([prompts[i] for i in rows], min(max_new_tokens, room), temperature=temperature,
+                             top_k=top_k, generator=generator, eos_id=stop, pad_id=stop)
+        for r, i in enumerate(rows):
+            new = gen.tokens[r][gen.completion_mask[r]].tolist()  # (n_new,) the row's answer, stop id included
+            answers[i] = tokenizer.decode(new[:-1] if new and new[-1] == stop else new)
+    return answers
