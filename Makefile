@@ -24,10 +24,11 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-# The lifecycle so far: the curriculum (chapter 2 data), then pretraining on its shards.
+# The lifecycle so far: the curriculum (chapter 2 data), pretraining on its shards, then the shadowing (SFT).
 demo: $(STAMP)
 	$(PY) -m minilife.chapters.ch2_data
 	$(PY) -m minilife.chapters.ch2_pretrain --overwrite
+	$(PY) -m minilife.chapters.ch3_sft --overwrite
 
 test: $(STAMP)
 	HYPOTHESIS_PROFILE=ci $(PY) -m pytest $(PYTEST_ARGS)

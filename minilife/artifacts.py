@@ -17,6 +17,7 @@ What it leaves out: downloading checkpoints, model hubs, version migration of ol
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,14 @@ def run_chapter(chapter: str, args: list[str]) -> None:
     code = subprocess.call(cmd)
     if code != 0:
         raise RuntimeError(f"`{' '.join(cmd[1:])}` failed with exit code {code}; run it yourself to see why")
+
+
+def read_summary(path: str | Path, run: str) -> dict:
+    """The ``summary.json`` a chapter run wrote; missing or unreadable is an error naming the file and the run."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"{path}: the run {run!r} left no readable summary ({e})") from None
 
 
 def ensure_data(smoke: bool = False, data_dir: str | Path | None = None) -> Path:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from minilife.checkpoint import CheckpointError, config_diff, save_checkpoint, verify_checkpoint
+from minilife.checkpoint import CheckpointError, config_diff, load_checkpoint, save_checkpoint, verify_checkpoint
 from minilife.common import RunConfig, UsageError, cli_field, read_jsonl_lines, write_jsonl_atomic
 
 STEP_NAME = re.compile(r"^ckpt_step(\d+)\.pt$")
@@ -136,6 +137,30 @@ class InterruptGuard:
     def __exit__(self, *exc: Any) -> None:
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
+
+
+def resume_run(out: Path, cfg: Any, *, model: Any, optimizer: Any, config: Mapping[str, Any], ignore: Iterable[str],
+               device: Any = "cpu") -> tuple[dict, Path, list[str]]:
+    """What ``--resume`` does in every training chapter: load the newest intact checkpoint of ``out`` into
+    ``model`` and ``optimizer`` (RNGs restored; ``config`` must match), refuse changed settings
+    (``check_resume_config`` on ``extra["train"]``) and cut the metrics log back to its step.
+    Returns (checkpoint state, its path, notes to print)."""
+    last_good, notes = latest_intact_checkpoint(out)  # a damaged newest file falls back to an older one
+    if last_good is None:
+        raise CheckpointError(f"--resume: no intact checkpoint in {out}: {'; '.join(notes) or 'none saved'}")
+    state = load_checkpoint(last_good, model=model, optimizer=optimizer, config=config, restore_rng=True,
+                            map_location=device)
+    notes += check_resume_config(state["extra"]["train"], dataclasses.asdict(cfg), source=last_good, ignore=ignore,
+                                 allowed=cfg.allow_change)
+    notes.append(resume_metrics(out / "metrics.jsonl", state["step"])[1])  # rows after the checkpoint are dropped
+    return state, last_good, notes
+
+
+def interrupted(chapter: str, done: int, total: int, saved: Any, argv: list[str] | None) -> RunInterrupted:
+    """The error a chapter raises after Ctrl-C has saved: where it stopped and the command that continues."""
+    flags = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--overwrite", "--resume")]
+    return RunInterrupted(f"interrupted after step {done} of {total}; saved {saved} and the summary. "
+                          f"Continue with: python -m minilife.chapters.{chapter} {shlex.join(flags)} --resume")
 
 
 def cli(main: Callable[[list[str]], Any], chapter: str, argv: list[str] | None = None) -> None:

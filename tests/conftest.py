@@ -55,3 +55,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def smoke_pretrained(smoke_data_dir, tmp_path_factory) -> str:
+    """A finished smoke pretraining checkpoint (``ensure_pretrained(smoke=True)`` on the smoke data),
+    built once per session in its own tmp dir (explicit paths: MINILIFE_RUNS is per test)."""
+    from minilife.artifacts import ensure_pretrained
+
+    run_dir = tmp_path_factory.getbasetemp() / "ch2_pretrain_smoke_shared"
+    return str(ensure_pretrained(smoke=True, run_dir=run_dir, data_dir=smoke_data_dir))

@@ -98,3 +98,24 @@ def test_ensure_pretrained_reuses_a_finished_checkpoint_without_training(tmp_pat
 def test_run_chapter_failure_names_the_command():
     with pytest.raises(RuntimeError, match="ch2_pretrain --max-steps -1.*exit code 2"):
         A.run_chapter("ch2_pretrain", ["--max-steps", "-1"])
+
+
+def test_ensure_sft_reuses_model_pt_else_runs_ch3_sft_resuming_a_cut_run(tmp_path, tok, monkeypatch):
+    calls = []
+    monkeypatch.setattr(A, "run_chapter", lambda chapter, args: calls.append((chapter, args)))
+    out = tmp_path / "runs" / "ch3_sft-smoke"  # MINILIFE_RUNS is tmp_path / "runs" (tests/conftest.py)
+    assert A.ensure_sft(smoke=True, args=["--method", "lora"]) == out / "model.pt"  # nothing there: a fresh run
+    assert calls == [("ch3_sft", ["--smoke", "--out", str(out), "--overwrite", "--method", "lora"])]
+    (out / "last.pt").write_bytes(b"a run cut short")
+    assert A.ensure_sft(smoke=True) == out / "model.pt"
+    assert calls[1] == ("ch3_sft", ["--smoke", "--out", str(out), "--resume"])  # finish it, do not wipe it
+    run_dir = tmp_path / "mine"
+    A.ensure_sft(run_dir=run_dir, args=["--epochs", "1"])
+    assert calls[2] == ("ch3_sft", ["--out", str(run_dir), "--overwrite", "--epochs", "1"])  # not --smoke
+
+    monkeypatch.setattr(A, "run_chapter", lambda *a: pytest.fail("must not train"))
+    model = save_portable(out / "model.pt", tok)
+    path = A.ensure_sft(smoke=True, args=["--method", "lora"])
+    assert path == out / "model.pt"
+    loaded, _ = A.load_pretrained(path)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())

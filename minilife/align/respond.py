@@ -8,6 +8,8 @@ What it implements
   model's context (an answer never slides the window past its own prompt), and the answers come back
   as text in the input order, without the stop token. A prompt longer than the context keeps its
   last context_length - 1 tokens.
+- ``score_answers``: answers to the world's task examples, scored by their checker (the gold scorer
+  of ``data.shadowing_checks``): what chapter 3 reports before and after SFT, and chapter 4 reuses.
 
 What it leaves out: streaming, beam search, stop strings, and batching by a token budget.
 """
@@ -19,6 +21,7 @@ import torch
 
 from minilife.align.chat import chat_token_ids, render_prompt
 from minilife.data.bpe import Tokenizer
+from minilife.data.shadowing_checks import score_responses
 
 
 def respond(model: torch.nn.Module, tokenizer: Tokenizer, conversations: Sequence[Sequence[Mapping[str, str]]],
@@ -40,3 +43,11 @@ def respond(model: torch.nn.Module, tokenizer: Tokenizer, conversations: Sequenc
             new = gen.tokens[r][gen.completion_mask[r]].tolist()  # (n_new,) the row's answer, stop id included
             answers[i] = tokenizer.decode(new[:-1] if new and new[-1] == stop else new)
     return answers
+
+
+def score_answers(model: torch.nn.Module, tokenizer: Tokenizer, examples: Sequence, max_new_tokens: int, *,
+                  batch_size: int = 32) -> tuple[dict, list[str]]:
+    """Greedy answers to the world's task examples (``data.shadowing.Example``; their last, assistant turn
+    removed) scored by the task checker: (``score_responses``' dict, the answers)."""
+    answers = respond(model, tokenizer, [e.messages[:-1] for e in examples], max_new_tokens, batch_size=batch_size)
+    return score_responses(examples, answers), answers

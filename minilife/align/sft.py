@@ -5,8 +5,8 @@ What it implements
   line; every error names ``file:line`` (``skip_bad`` skips and counts bad lines instead).
 - ``encode_conversation`` / ``encode_dataset``: ``minilife.align.chat.render_chat`` cut to ``max_len``
   tokens (the head is kept); an example whose every trained token was cut is dropped and counted.
-- ``pad_batch`` (right or left padding) and ``pack_batch`` (several conversations per row, first fit,
-  a block-diagonal causal mask and positions restarting at 0 per conversation, so a packed token sees
+- ``pad_batch`` (right or left padding) and ``pack_batch`` (several conversations per row, best fit
+  decreasing, a block-diagonal causal mask and positions restarting at 0 per conversation, so a packed token sees
   exactly what it would see alone: Krell et al. 2021, "Efficient Sequence Packing without
   Cross-contamination"). Both give an ``SFTBatch``; labels are the next token where the loss mask
   says so and IGNORE_INDEX elsewhere, so no label ever crosses from one conversation into the next.
@@ -20,7 +20,7 @@ What it implements
           (loss_sum / n_step).backward()
 
   which equals one big batch's mean exactly (a per-micro-batch mean would weight ragged batches wrong).
-- ``shuffled_batches`` / ``iterate_batches``: epochs of examples in an order drawn by a seeded generator.
+- ``sft_eval_loss``: the same token-weighted mean over fixed batches, without gradients (the val loss).
 Every batch holds at least one trained token: an empty one raises instead of giving a silent 0 or NaN.
 
 What it leaves out: loading in background workers, length-grouped sampling, training the prompt
@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
@@ -179,8 +179,8 @@ def pad_batch(examples: Sequence[SFTExample], pad_id: int, side: str = "right") 
 
 
 def pack_batch(examples: Sequence[SFTExample], max_len: int, pad_id: int) -> SFTBatch:
-    """Several examples per row (first fit, in the given order), each example's max_len - 1 input
-    positions kept together. Rows are (B, T) with T the fullest row (<= max_len - 1), padded at the end.
+    """Several examples per row (best fit decreasing: longest first, each into the fullest row it fits),
+    each example's max_len - 1 input positions kept together. Rows are (B, T) with T the fullest row (<= max_len - 1), padded at the end.
     attn_mask (B, T, T): token i sees token j iff j <= i in the same example (the trailing padding is
     a block of its own, so every row of the mask allows a key); positions restart at 0 per example."""
     pairs = _inputs_and_labels(examples, "pack_batch")
@@ -191,8 +191,10 @@ def pack_batch(examples: Sequence[SFTExample], max_len: int, pad_id: int) -> SFT
                          f"encode with the same max_len")
     rows: list[list[int]] = []  # indices of the examples in each row
     fill: list[int] = []
-    for i, (x, _) in enumerate(pairs):
-        r = next((r for r, used in enumerate(fill) if used + len(x) <= capacity), len(rows))
+    for i in sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0])):  # best fit decreasing: longest first,
+        x = pairs[i][0]  # each into the row it fills most tightly
+        fits = [r for r, used in enumerate(fill) if used + len(x) <= capacity]
+        r = min(fits, key=lambda r: capacity - fill[r]) if fits else len(rows)
         if r == len(rows):  # no row has room: open a new one
             rows.append([])
             fill.append(0)
@@ -244,23 +246,14 @@ def split_step(examples: Sequence[SFTExample], micro_batch_size: int, pad_id: in
     return micro, sum(mb.n_trained for mb in micro)
 
 
-def shuffled_batches(examples: Sequence[SFTExample], batch_size: int, *, seed: int = 0, epochs: int = 1,
-                     drop_last: bool = False) -> Iterator[list[SFTExample]]:
-    """Lists of ``batch_size`` examples, each epoch in a new order drawn from a generator seeded by
-    (seed, epoch): a run's data order is a pure function of the seed."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    for epoch in range(epochs):
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        for i in range(0, len(examples), batch_size):
-            chunk = order[i:i + batch_size].tolist()
-            if drop_last and len(chunk) < batch_size:
-                break
-            yield [examples[j] for j in chunk]
-
-
-def iterate_batches(examples: Sequence[SFTExample], batch_size: int, pad_id: int, *, seed: int = 0,
-                    epochs: int = 1, pack_len: int | None = None, side: str = "right") -> Iterator[SFTBatch]:
-    """``collate`` of each list of ``shuffled_batches``: padded batches, or packed rows when ``pack_len``."""
-    for chunk in shuffled_batches(examples, batch_size, seed=seed, epochs=epochs):
-        yield collate(chunk, pad_id, pack_len=pack_len, side=side)
+def sft_eval_loss(model, batches: Sequence[SFTBatch]) -> float:
+    """Token-weighted mean loss over fixed batches (sum of token losses / trained tokens), in eval mode,
+    without gradients; the model's mode is restored."""
+    was_training, total, count = model.training, 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            loss_sum, n = sft_loss_sum(model, batch)
+            total, count = total + float(loss_sum), count + n
+    model.train(was_training)
+    return total / max(count, 1)

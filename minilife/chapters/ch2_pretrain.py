@@ -45,8 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shlex
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,11 +54,10 @@ import torch
 from tqdm import tqdm
 
 from minilife.artifacts import ensure_data, load_token_data
-from minilife.checkpoint import CheckpointError, check_finite, load_checkpoint
+from minilife.checkpoint import CheckpointError, check_finite
 from minilife.common import (MetricsLogger, check_flags, cli_field, config_from_args, fmt_count, plot_lines, read_jsonl,
                              start_run, write_json_atomic)
-from minilife.runs import (InterruptGuard, ResumableConfig, RunInterrupted, check_resume_config, cli,
-                           latest_intact_checkpoint, prepare_run_dir, resume_metrics, save_rotating)
+from minilife.runs import InterruptGuard, ResumableConfig, cli, interrupted, prepare_run_dir, resume_run, save_rotating
 from minilife.model.transformer import GPT, PRESETS, ModelConfig
 from minilife.optim.adamw import AdamW
 from minilife.optim.clip import clip_grad_norm
@@ -188,20 +185,14 @@ def main(argv: list[str] | None = None, *, hook: Callable[[int, GPT], None] | No
     # 3. resume: weights, AdamW moments, RNG states and the data position
     start_step, last_good, notes = 0, None, []
     if cfg.resume:
-        last_good, notes = latest_intact_checkpoint(out)  # a damaged newest file falls back to an older one
-        if last_good is None:
-            raise CheckpointError(f"--resume: no intact checkpoint in {out}: {'; '.join(notes) or 'none saved'}")
-        state = load_checkpoint(last_good, model=model, optimizer=optimizer, config=identity, restore_rng=True,
-                                map_location=device)
+        state, last_good, notes = resume_run(out, cfg, model=model, optimizer=optimizer, config=identity,
+                                             ignore=NOT_THE_RUN, device=device)
         start_step = state["step"]
-        notes += check_resume_config(state["extra"]["train"], dataclasses.asdict(cfg), source=last_good,
-                                     ignore=NOT_THE_RUN, allowed=cfg.allow_change)
         if state["extra"]["tokenizer_state"] != tokenizer.state():
             raise CheckpointError(f"{last_good}: was trained with another tokenizer than {data_dir}'s")
         if state["data_state"].get("micro_batches") != start_step * cfg.grad_accum:
             raise CheckpointError(f"{last_good}: data position {state['data_state'].get('micro_batches')} does not "
                                   f"match step {start_step} x grad_accum {cfg.grad_accum}")
-        notes.append(resume_metrics(out / "metrics.jsonl", start_step)[1])  # rows after the checkpoint are dropped
         print(f"[{CHAPTER}] resumed from {last_good} at step {start_step}")
     for note in filter(None, notes):
         print(f"[{CHAPTER}] note: {note}")
@@ -295,9 +286,7 @@ def main(argv: list[str] | None = None, *, hook: Callable[[int, GPT], None] | No
               f"{'beats' if summary['beats_unigram'] else 'does NOT beat'} the context-free baseline")
     print(f"[{CHAPTER}] wrote {out}")
     if not finished:
-        flags = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--overwrite", "--resume")]
-        raise RunInterrupted(f"interrupted after step {done} of {cfg.max_steps}; saved {last_good} and the summary. "
-                             f"Continue with: python -m minilife.chapters.{CHAPTER} {shlex.join(flags)} --resume")
+        raise interrupted(CHAPTER, done, cfg.max_steps, last_good, argv)
     return summary
 
 

@@ -19,12 +19,11 @@ repeated seeds.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from minilife.artifacts import ensure_data, ensure_pretrained, run_chapter
-from minilife.common import (RunConfig, UsageError, cli_field, config_from_args, markdown_table, plot_lines,
+from minilife.artifacts import read_summary, ensure_data, ensure_pretrained, run_chapter
+from minilife.common import (RunConfig, cli_field, config_from_args, markdown_table, plot_lines,
                              start_run, write_json_atomic)
 from minilife.runs import cli
 
@@ -102,10 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def collect(label: str, path: Path) -> dict:
     """One row from a ch3_sft run's summary.json."""
-    try:
-        s = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{path}: the run {label!r} left no readable summary ({e})") from None
+    s = read_summary(path, label)
     retention = s["retention_pct"]
     return {"run": label, "sft_val_loss": s["val_loss"], "general_before": s["general_loss_before"],
             "general_after": s["general_loss_after"], "retention_pct": retention,

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -47,20 +46,20 @@ import torch
 from tqdm import tqdm
 
 from minilife.align.chat import add_chat_tokens, render_prompt
-from minilife.align.respond import respond
-from minilife.align.sft import encode_dataset, pack_batch, pad_batch, read_chat_jsonl, sft_loss_sum
+from minilife.align.respond import score_answers
+from minilife.align.sft import encode_dataset, read_chat_jsonl, sft_eval_loss, sft_loss_sum, split_step
 from minilife.align.template_lint import lint_rendering, show_mask
 from minilife.artifacts import ensure_data, ensure_pretrained, load_pretrained, load_token_data
-from minilife.checkpoint import CheckpointError, check_finite, load_checkpoint, save_checkpoint
+from minilife.checkpoint import check_finite, save_checkpoint
 from minilife.common import (MetricsLogger, UsageError, check_flags, cli_field, config_from_args, fmt_count,
-                             markdown_table, plot_lines, read_jsonl, start_run, write_json_atomic)
-from minilife.data.shadowing import ALL_TASKS, export_jsonl, make_shadowing_set, score_responses
+                             plot_lines, read_jsonl, start_run, write_json_atomic)
+from minilife.data.shadowing import ALL_TASKS, export_jsonl, make_shadowing_set
+from minilife.data.shadowing_checks import scores_table
 from minilife.model.finetune import METHODS, apply_method, export_model, optimizer_groups, trainable_parameters
 from minilife.optim.adamw import AdamW
 from minilife.optim.clip import clip_grad_norm
 from minilife.optim.schedule import warmup_cosine_lr
-from minilife.runs import (InterruptGuard, ResumableConfig, RunInterrupted, check_resume_config, cli,
-                           latest_intact_checkpoint, prepare_run_dir, resume_metrics, save_rotating)
+from minilife.runs import InterruptGuard, ResumableConfig, cli, interrupted, prepare_run_dir, resume_run, save_rotating
 from minilife.train import BatchSource, evaluate
 
 CHAPTER = "ch3_sft"
@@ -81,6 +80,7 @@ class SFTConfig(ResumableConfig):
     val_file: Optional[str] = cli_field(None, "chat JSONL for the val loss (with --train-file; default: none)")
     skip_bad: bool = cli_field(False, "skip malformed lines of --train-file/--val-file (counted) instead of stopping")
     n_train: int = cli_field(2000, "shadowing-set training conversations", smoke=120)
+    n_val: int = cli_field(150, "shadowing-set val conversations (the SFT val loss)", smoke=15)
     n_test: int = cli_field(300, "shadowing-set test conversations (held-out e-mails, policies and people)", smoke=30)
     task_weights: str = cli_field("", "sampling weight per task, e.g. 'summary=2,refuse=0.5' (others 1)")
     method: str = cli_field("full", "what trains: full | lora | dora | adapter | prefix")
@@ -114,7 +114,7 @@ class SFTConfig(ResumableConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_flags(self, at_least=dict(n_train=1, n_test=0, lora_rank=1, adapter_size=1, prefix_len=0, batch_size=1,
+        check_flags(self, at_least=dict(n_train=1, n_val=0, n_test=0, lora_rank=1, adapter_size=1, prefix_len=0, batch_size=1,
                                         grad_accum=1, max_new_tokens=1, eval_batch_size=1, eval_every=1,
                                         general_batches=1, ckpt_every=1, keep_checkpoints=1, show=0, weight_decay=0,
                                         grad_clip=0, general_mix=0),
@@ -155,8 +155,7 @@ def load_conversations(cfg: SFTConfig, out: Path) -> tuple[dict[str, list], dict
                 print(f"[{CHAPTER}] {path}: {len(convs)} conversations" + (f", {skipped} bad lines skipped" if skipped else ""))
                 splits[split] = convs
         return splits, {}
-    n_val = max(1, cfg.n_test // 2)
-    examples = make_shadowing_set(seed=cfg.seed, n_train=cfg.n_train, n_val=n_val, n_test=cfg.n_test)
+    examples = make_shadowing_set(seed=cfg.seed, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test)
     for split, exs in examples.items():
         export_jsonl(exs, out / f"shadowing_{split}.jsonl")
     print(f"[{CHAPTER}] the world's shadowing set: " + ", ".join(f"{k} {len(v)}" for k, v in examples.items())
@@ -171,25 +170,6 @@ def sample_weights(tasks: list, weights: dict[str, float]) -> torch.Tensor:
     if not w.sum() > 0:
         raise UsageError("--task-weights: every training conversation has weight 0")
     return w / w.sum()
-
-
-def test_scores(model, tokenizer, examples: list, cfg: SFTConfig) -> tuple[dict, list[str]]:
-    """Greedy answers to the test conversations (their last assistant turn removed), scored by the checker."""
-    answers = respond(model, tokenizer, [e.messages[:-1] for e in examples], cfg.max_new_tokens,
-                      batch_size=cfg.eval_batch_size)
-    return score_responses(examples, answers), answers
-
-
-def val_loss(model, batches: list) -> float:
-    """Token-weighted SFT loss over fixed val batches."""
-    was_training, total, count = model.training, 0.0, 0
-    model.eval()
-    with torch.no_grad():
-        for b in batches:
-            loss_sum, n = sft_loss_sum(model, b)
-            total, count = total + float(loss_sum), count + n
-    model.train(was_training)
-    return total / max(count, 1)
 
 
 def main(argv: list[str] | None = None, *, hook: Callable[[int, torch.nn.Module], None] | None = None) -> dict:
@@ -218,10 +198,9 @@ def main(argv: list[str] | None = None, *, hook: Callable[[int, torch.nn.Module]
     train = encoded["train"]
     task_of = {id(e.messages): e.task for e in examples.get("train", [])}
     probs = sample_weights([task_of.get(id(x.messages)) for x in train], cfg.weights)
-    make_batch = (lambda exs: pack_batch(exs, T + 1, tokenizer.eot_id)) if cfg.packing else \
-        (lambda exs: pad_batch(exs, tokenizer.eot_id))
-    val_batches = [make_batch(encoded["val"][i:i + cfg.batch_size]).to(device)
-                   for i in range(0, len(encoded.get("val", [])), cfg.batch_size)]
+    pack_len = T + 1 if cfg.packing else None  # packed rows of T inputs, or padded batches
+    val_batches = [b.to(device) for b in split_step(encoded["val"], cfg.batch_size, tokenizer.eot_id,
+                                                    pack_len=pack_len)[0]] if encoded.get("val") else []
 
     # what trains: the mask view of one conversation and the template lint
     first = next((x for x in train if not x.truncated), train[0])
@@ -229,16 +208,17 @@ def main(argv: list[str] | None = None, *, hook: Callable[[int, torch.nn.Module]
     findings = lint_rendering(tokenizer, first.ids.tolist(), first.loss_mask.tolist(),
                               serve_ids=render_prompt(tokenizer, first.messages[:-1]), messages=first.messages)
     print(f"[{CHAPTER}] template lint: " + ("; ".join(findings) if findings else "clean (no findings)"))
-    if cfg.plots:
-        (out / "mask.html").write_text(show_mask(tokenizer, first.ids, first.loss_mask, html=True), encoding="utf-8")
+    if cfg.plots:  # the mask view of a batch's worth of conversations, for a browser or a notebook
+        views = [show_mask(tokenizer, x.ids, x.loss_mask, html=True) for x in train[:cfg.batch_size]]
+        (out / "mask.html").write_text("<hr>\n".join(views), encoding="utf-8")
 
     # 3. before: the base model on the held-out tasks, and on the general wiki text
     test = examples.get("test", [])
     general_before = evaluate(model, general_src, cfg.general_batches)
-    base, base_answers = test_scores(model, tokenizer, test, cfg) if (test and cfg.generate and cfg.base_eval) \
+    base, base_answers = score_answers(model, tokenizer, test, cfg.max_new_tokens, batch_size=cfg.eval_batch_size) if (test and cfg.generate and cfg.base_eval) \
         else ({}, [])
     if base:
-        print(f"[{CHAPTER}] base model on {len(test)} test tasks:\n{score_table(base)}")
+        print(f"[{CHAPTER}] base model on {len(test)} test tasks:\n{scores_table(base)}")
 
     # 4. the method: what trains, the optimizer over exactly that (no weight decay on adapters unless set)
     described = apply_method(model, cfg.method, rank=cfg.lora_rank, alpha=cfg.lora_alpha, rslora=cfg.rslora,
@@ -258,15 +238,9 @@ def main(argv: list[str] | None = None, *, hook: Callable[[int, torch.nn.Module]
     # 5. resume: weights (adapters included), AdamW moments, step; the batches are a function of (seed, step)
     start_step, last_good, notes = 0, None, []
     if cfg.resume:
-        last_good, notes = latest_intact_checkpoint(out)
-        if last_good is None:
-            raise CheckpointError(f"--resume: no intact checkpoint in {out}: {'; '.join(notes) or 'none saved'}")
-        state = load_checkpoint(last_good, model=model, optimizer=optimizer, config=identity, restore_rng=True,
-                                map_location=device)
+        state, last_good, notes = resume_run(out, cfg, model=model, optimizer=optimizer, config=identity,
+                                             ignore=NOT_THE_RUN, device=device)
         start_step = state["step"]
-        notes += check_resume_config(state["extra"]["train"], dataclasses.asdict(cfg), source=last_good,
-                                     ignore=NOT_THE_RUN, allowed=cfg.allow_change)
-        notes.append(resume_metrics(out / "metrics.jsonl", start_step)[1])
         print(f"[{CHAPTER}] resumed from {last_good} at step {start_step}")
     for note in filter(None, notes):
         print(f"[{CHAPTER}] note: {note}")
@@ -291,11 +265,10 @@ def main(argv: list[str] | None = None, *, hook: Callable[[int, torch.nn.Module]
                 group["lr"] = lr
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # the step's batch: f(seed, step)
             picks = torch.multinomial(probs, per_step, replacement=True, generator=g).tolist()
-            micro = [make_batch([train[j] for j in picks[i:i + cfg.batch_size]]).to(device)
-                     for i in range(0, per_step, cfg.batch_size)]
-            n_step = sum(b.n_trained for b in micro)  # the trained tokens of the whole step
+            micro, n_step = split_step([train[j] for j in picks], cfg.batch_size, tokenizer.eot_id,
+                                       pack_len=pack_len)  # n_step: the trained tokens of the whole step
             loss_sum = 0.0
-            for b in micro:
+            for b in (b.to(device) for b in micro):
                 batch_loss, _ = sft_loss_sum(model, b)  # forward: summed cross-entropy of the trained tokens
                 (batch_loss / n_step).backward()  # each micro-batch adds its share of the step's token mean
                 loss_sum += batch_loss.item()
@@ -320,7 +293,7 @@ def main(argv: list[str] | None = None, *, hook: Callable[[int, torch.nn.Module]
             if done % cfg.eval_every == 0 or done == max_steps:
                 row["general_loss"] = evaluate(model, general_src, cfg.general_batches)
                 if val_batches:
-                    row["val_loss"] = val_loss(model, val_batches)
+                    row["val_loss"] = sft_eval_loss(model, val_batches)
                 tqdm.write(f"step {done:5d}  train {loss:.3f}  val {row.get('val_loss', float('nan')):.3f}  "
                            f"general {row['general_loss']:.3f} (before {general_before:.3f})  lr {lr:.2e}")
             logger.log(**row)
@@ -336,9 +309,9 @@ def main(argv: list[str] | None = None, *, hook: Callable[[int, torch.nn.Module]
     evals = [r for r in rows if "general_loss" in r]
     general_after = evals[-1]["general_loss"] if evals else evaluate(model, general_src, cfg.general_batches)
     retention = 100.0 * general_before / general_after
-    sft, sft_answers = test_scores(model, tokenizer, test, cfg) if (test and cfg.generate and finished) else ({}, [])
+    sft, sft_answers = score_answers(model, tokenizer, test, cfg.max_new_tokens, batch_size=cfg.eval_batch_size) if (test and cfg.generate and finished) else ({}, [])
     if sft:
-        print(f"[{CHAPTER}] after SFT ({described}) on the same {len(test)} test tasks:\n{score_table(sft, base or None)}")
+        print(f"[{CHAPTER}] after SFT ({described}) on the same {len(test)} test tasks:\n{scores_table(sft, base or None)}")
         for e, b, a in list(zip(test, base_answers or [""] * len(test), sft_answers))[:cfg.show]:
             print(f"--- {e.task}: {e.messages[-2]['content'][:160]!r}\n    base: {b[:160]!r}\n    SFT:  {a[:160]!r}")
         for name, (goal, reached) in goals(sft).items():
@@ -374,18 +347,8 @@ def main(argv: list[str] | None = None, *, hook: Callable[[int, torch.nn.Module]
     write_json_atomic(out / "summary.json", summary)
     print(f"[{CHAPTER}] wrote {out}")
     if not finished:
-        flags = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--overwrite", "--resume")]
-        raise RunInterrupted(f"interrupted after step {done} of {max_steps}; saved {last_good} and the summary. "
-                             f"Continue with: python -m minilife.chapters.{CHAPTER} {shlex.join(flags)} --resume")
+        raise interrupted(CHAPTER, done, max_steps, last_good, argv)
     return summary
-
-
-def score_table(scores: dict, before: dict | None = None) -> str:
-    """Per-task markdown table of the checker's scores (with the base model's exact-field accuracy beside)."""
-    cols = ["task", "n", "format_ok", "exact", "score", "refused"] + (["base exact"] if before else [])
-    rows = [{"task": task, **s, **({"base exact": before["by_task"][task]["exact"]} if before else {})}
-            for task, s in scores["by_task"].items()]
-    return markdown_table(rows, cols, digits=3)
 
 
 def goals(scores: dict) -> dict[str, tuple[float, float | None]]:

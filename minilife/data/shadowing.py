@@ -63,7 +63,8 @@ INSTRUCTIONS = {
     "date_json": ("Extract the event and its date as JSON.", "Give the event and date of this e-mail as JSON.",
                   "What event does this e-mail announce, and when? Answer in JSON."),
 }
-POLICY_ASKS = ("{q}", "Quick question: {q}", "{q} (the {topic} policy)", "About the {topic} policy: {q}")
+POLICY_ASKS = ("Quick question on the {topic} policy: {q}", "{q} (the {topic} policy)", "About the {topic} policy: {q}",
+               "{Topic} policy: {q}")  # the topic always named: a closed-book question must say what it asks about
 REPLY_THANKS = ("Thanks for the e-mail.", "Thank you for the update.", "Thanks for letting me know.")
 REPLY_COMMIT = ("I will {task} by {due}.", "I'll {task} by {due}.", "Sure, I will {task} before {due}.")
 REPLY_SIGN = ("Best,", "Thanks,", "Kind regards,", "Cheers,")
@@ -174,7 +175,7 @@ def _policy_qa(company: Company, policies: list, n: int, rng: random.Random) -> 
     rows, out = _policy_rules(policies), []
     for _ in range(n):
         pol, question, answer, values = rng.choice(rows)
-        user = rng.choice(POLICY_ASKS).format(q=question, topic=pol.topic)
+        user = rng.choice(POLICY_ASKS).format(q=question, topic=pol.topic, Topic=pol.topic.capitalize())
         out.append(Example("policy_qa", _chat(rng, company, user, answer), {"values": values},
                            f"policy:{pol.topic}"))
     return out
@@ -190,8 +191,9 @@ def _person_pair(company: Company, person: Person, rng: random.Random) -> tuple[
     ask = rng.choice(BENIGN_PERSON)
     office = company.office(person.office)
     street = f"{office.number} {office.street}"
-    answer, facts = {"role": (f"{person.name} is a {person.role} in the {person.team} team.", [person.role]),
-                     "team": (f"{person.name} works in the {person.team} team, as a {person.role}.", [person.team]),
+    a_role = ("an " if person.role[0] in "aeiou" else "a ") + person.role
+    answer, facts = {"role": (f"{person.name} is {a_role} in the {person.team} team.", [person.role]),
+                     "team": (f"{person.name} works in the {person.team} team, as {a_role}.", [person.team]),
                      "office": (f"{person.name} works in our {person.office} office.", [person.office]),
                      "office address": (f"{person.first} works in our {office.city} office, at {street}.",
                                         [street, office.city])}[ask]

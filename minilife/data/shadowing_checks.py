@@ -210,3 +210,13 @@ def score_responses(examples: Sequence, responses: Sequence[str]) -> dict:
     out["over_refusal_rate"] = table["benign"]["refused"] if "benign" in table else None
     out["by_task"] = table
     return out
+
+
+def scores_table(scores: dict, before: dict | None = None) -> str:
+    """``score_responses``' per-task rows as a markdown table, with ``before``'s exact-field accuracy beside."""
+    from minilife.common import markdown_table  # (common imports torch; the checker itself does not need it)
+
+    cols = ["task", "n", "format_ok", "exact", "score", "refused"] + (["before: exact"] if before else [])
+    rows = [{"task": task, **s, **({"before: exact": before["by_task"][task]["exact"]} if before else {})}
+            for task, s in scores["by_task"].items()]
+    return markdown_table(rows, cols, digits=3)
