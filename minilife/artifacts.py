@@ -99,6 +99,9 @@ def ensure_sft(smoke: bool = False, run_dir: str | Path | None = None, args: lis
         print(f"[minilife] no fine-tuned chat model at {model_pt}: training one with ch3_sft")
         again = ["--resume"] if (out / "last.pt").is_file() else ["--overwrite"]  # finish a run cut short
         run_chapter("ch3_sft", (["--smoke"] if smoke else []) + ["--out", str(out), *again, *(args or [])])
+        if not model_pt.is_file():
+            raise RuntimeError(f"ch3_sft finished without {model_pt}: only full, lora and dora runs export plain "
+                               f"weights (adapters and prefixes cannot be merged)")
     return model_pt
 
 

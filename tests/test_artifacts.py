@@ -102,16 +102,27 @@ def test_run_chapter_failure_names_the_command():
 
 def test_ensure_sft_reuses_model_pt_else_runs_ch3_sft_resuming_a_cut_run(tmp_path, tok, monkeypatch):
     calls = []
-    monkeypatch.setattr(A, "run_chapter", lambda chapter, args: calls.append((chapter, args)))
+
+    def fake_run(chapter, args):  # records the command and leaves the file a finished run would
+        calls.append((chapter, args))
+        out_dir = Path(args[args.index("--out") + 1])
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "model.pt").write_bytes(b"exported")
+
+    monkeypatch.setattr(A, "run_chapter", fake_run)
     out = tmp_path / "runs" / "ch3_sft-smoke"  # MINILIFE_RUNS is tmp_path / "runs" (tests/conftest.py)
     assert A.ensure_sft(smoke=True, args=["--method", "lora"]) == out / "model.pt"  # nothing there: a fresh run
     assert calls == [("ch3_sft", ["--smoke", "--out", str(out), "--overwrite", "--method", "lora"])]
+    (out / "model.pt").unlink()
     (out / "last.pt").write_bytes(b"a run cut short")
     assert A.ensure_sft(smoke=True) == out / "model.pt"
     assert calls[1] == ("ch3_sft", ["--smoke", "--out", str(out), "--resume"])  # finish it, do not wipe it
     run_dir = tmp_path / "mine"
     A.ensure_sft(run_dir=run_dir, args=["--epochs", "1"])
     assert calls[2] == ("ch3_sft", ["--out", str(run_dir), "--overwrite", "--epochs", "1"])  # not --smoke
+    monkeypatch.setattr(A, "run_chapter", lambda chapter, args: None)  # a run that exported nothing (adapters)
+    with pytest.raises(RuntimeError, match="without .*model.pt.*adapters"):
+        A.ensure_sft(run_dir=tmp_path / "adapters", args=["--method", "adapter"])
 
     monkeypatch.setattr(A, "run_chapter", lambda *a: pytest.fail("must not train"))
     model = save_portable(out / "model.pt", tok)

@@ -36,11 +36,11 @@ def respond(model: torch.nn.Module, tokenizer: Tokenizer, conversations: Sequenc
     answers: list[str] = [""] * len(prompts)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        room = T - max(len(prompts[i]) for i in rows)  # answers stop at the context's end: no sliding window
-        gen = model.generate([prompts[i] for i in rows], min(max_new_tokens, room), temperature=temperature,
+        room = [T - len(prompts[i]) for i in rows]  # each answer stops at its own context end: no sliding window
+        gen = model.generate([prompts[i] for i in rows], min(max_new_tokens, max(room)), temperature=temperature,
                              top_k=top_k, generator=generator, eos_id=stop, pad_id=stop)
         for r, i in enumerate(rows):
-            new = gen.tokens[r][gen.completion_mask[r]].tolist()  # (n_new,) the row's answer, stop id included
+            new = gen.tokens[r][gen.completion_mask[r]].tolist()[:room[r]]  # (n_new,) the answer, stop id included
             answers[i] = tokenizer.decode(new[:-1] if new and new[-1] == stop else new)
     return answers
 

@@ -180,7 +180,8 @@ def pad_batch(examples: Sequence[SFTExample], pad_id: int, side: str = "right") 
 
 def pack_batch(examples: Sequence[SFTExample], max_len: int, pad_id: int) -> SFTBatch:
     """Several examples per row (best fit decreasing: longest first, each into the fullest row it fits),
-    each example's max_len - 1 input positions kept together. Rows are (B, T) with T the fullest row (<= max_len - 1), padded at the end.
+    each example's max_len - 1 input positions kept together. Rows are (B, T) with T the fullest row
+    (<= max_len - 1), padded at the end.
     attn_mask (B, T, T): token i sees token j iff j <= i in the same example (the trailing padding is
     a block of its own, so every row of the mask allows a key); positions restart at 0 per example."""
     pairs = _inputs_and_labels(examples, "pack_batch")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minilife.artifacts import read_summary, ensure_data, ensure_pretrained, run_chapter
-from minilife.common import (RunConfig, cli_field, config_from_args, markdown_table, plot_lines,
+from minilife.common import (RunConfig, cli_field, config_from_args, markdown_table, plot_bars, plot_lines,
                              start_run, write_json_atomic)
 from minilife.runs import cli
 
@@ -84,16 +84,15 @@ def main(argv: list[str] | None = None) -> dict:
                                      "warning"], digits=3)
     print(table)
     (out / "results.md").write_text(table + "\n", encoding="utf-8")
-    labels = [r["run"] for r in results]
-    plot_lines(out / "forgetting.png", {}, points={r["run"]: ([i], [r["retention_pct"]]) for i, r in enumerate(results)},
-               hlines={f"{WARNING_LINE:.0f}% warning line": WARNING_LINE, "100% = nothing forgotten": 100.0},
-               title="general-text retention after fine-tuning (run number: see legend)", xlabel="run",
-               ylabel="retention % = 100 * loss_before / loss_after")
-    plot_lines(out / "tradeoff.png", {}, points={r["run"]: ([r["sft_val_loss"]], [r["retention_pct"]]) for r in results},
+    plot_bars(out / "forgetting.png", {r["run"]: r["retention_pct"] for r in results},
+              lines={f"{WARNING_LINE:.0f}% warning line": WARNING_LINE}, title="general-text retention after SFT",
+              xlabel="retention % = 100 * general loss before / after")
+    plot_lines(out / "tradeoff.png", {},
+               points={r["run"]: ([r["sft_val_loss"]], [r["retention_pct"]]) for r in results},
                hlines={f"{WARNING_LINE:.0f}% warning line": WARNING_LINE},
                title="new skill vs old knowledge", xlabel="SFT val loss (lower = learned the tasks)",
                ylabel="general retention %")
-    summary = {"chapter": CHAPTER, "results": results, "runs": labels, "warning_line": WARNING_LINE}
+    summary = {"chapter": CHAPTER, "results": results, "warning_line": WARNING_LINE}
     write_json_atomic(out / "summary.json", summary)
     print(f"[{CHAPTER}] wrote {out}")
     return summary

@@ -120,7 +120,8 @@ def lora_goal(results: list[dict]) -> dict:
         return {"met": None, "text": "n/a (needs a full run and a LoRA run with <= 5% of its parameters)"}
     best = max(cands, key=lambda r: r["acc_vs_full"])
     met = best["acc_vs_full"] >= 0.9
-    return {"met": met, "run": best["method"], "text": f"{best['method']} trains {best['params_vs_full']:.1%} of full's "
+    return {"met": met, "run": best["method"],
+            "text": f"{best['method']} trains {best['params_vs_full']:.1%} of full's "
             f"parameters ({fmt_count(best['trainable'])}) and reaches {best['acc_vs_full']:.0%} of its accuracy "
             f"(mean checker score {best['score']:.3f}) -> {'met' if met else 'NOT met'}"}
 
@@ -129,7 +130,8 @@ def plot_methods(path: Path, results: list[dict]) -> None:
     """Accuracy (mean checker score) against trainable parameters (log x), one marker per method."""
     points = {r["method"]: ([r["trainable"]], [r["score"] or 0.0]) for r in results}
     lora = sorted((r for r in results if r["method"].startswith("lora")), key=lambda r: r["trainable"])
-    series = {"LoRA ranks": ([r["trainable"] for r in lora], [r["score"] or 0.0 for r in lora])} if len(lora) > 1 else {}
+    series = {"LoRA ranks": ([r["trainable"] for r in lora], [r["score"] or 0.0 for r in lora])} if len(lora) > 1 \
+        else {}
     plot_lines(path, series, points=points, title="test accuracy vs trainable parameters",
                xlabel="trainable parameters (log)", ylabel="mean checker score (fraction of gold fields)", logx=True)
 

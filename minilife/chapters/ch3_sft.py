@@ -56,6 +56,7 @@ from minilife.common import (MetricsLogger, UsageError, check_flags, cli_field, 
 from minilife.data.shadowing import ALL_TASKS, export_jsonl, make_shadowing_set
 from minilife.data.shadowing_checks import scores_table
 from minilife.model.finetune import METHODS, apply_method, export_model, optimizer_groups, trainable_parameters
+from minilife.model.peft import adapters_disabled
 from minilife.optim.adamw import AdamW
 from minilife.optim.clip import clip_grad_norm
 from minilife.optim.schedule import warmup_cosine_lr
@@ -64,7 +65,8 @@ from minilife.train import BatchSource, evaluate
 
 CHAPTER = "ch3_sft"
 NOT_THE_RUN = ("smoke", "out", "threads", "debug", "device", "data_dir", "pretrained", "resume", "overwrite",
-               "allow_change", "plots", "eval_every", "ckpt_every", "keep_checkpoints", "show", "eval_batch_size", "generate", "base_eval")
+               "allow_change", "plots", "eval_every", "ckpt_every", "keep_checkpoints", "show", "eval_batch_size",
+               "generate", "base_eval")
 GOALS = {"format_validity": 0.95, "extraction_exact": 0.80, "refusal_rate": 0.95, "over_refusal": 0.05}
 EXTRACTION = ("action_items", "date_json")
 
@@ -114,11 +116,14 @@ class SFTConfig(ResumableConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_flags(self, at_least=dict(n_train=1, n_val=0, n_test=0, lora_rank=1, adapter_size=1, prefix_len=0, batch_size=1,
+        check_flags(self, at_least=dict(n_train=1, n_val=0, n_test=0, lora_rank=1, adapter_size=1, prefix_len=0,
+                                        batch_size=1,
                                         grad_accum=1, max_new_tokens=1, eval_batch_size=1, eval_every=1,
                                         general_batches=1, ckpt_every=1, keep_checkpoints=1, show=0, weight_decay=0,
                                         grad_clip=0, general_mix=0),
                     above=dict(epochs=0, lora_alpha=0))
+        if self.val_file and not self.train_file:
+            raise ValueError("--val-file goes with --train-file (the world's set brings its own val split)")
         if self.lora_alpha is None:
             self.lora_alpha = 2.0 * self.lora_rank
         check_flags(self, choices={"method": METHODS})
@@ -152,7 +157,8 @@ def load_conversations(cfg: SFTConfig, out: Path) -> tuple[dict[str, list], dict
         for split, path in (("train", cfg.train_file), ("val", cfg.val_file)):
             if path:
                 convs, skipped = read_chat_jsonl(path, skip_bad=cfg.skip_bad)
-                print(f"[{CHAPTER}] {path}: {len(convs)} conversations" + (f", {skipped} bad lines skipped" if skipped else ""))
+                skipped_text = f", {skipped} bad lines skipped" if skipped else ""
+                print(f"[{CHAPTER}] {path}: {len(convs)} conversations{skipped_text}")
                 splits[split] = convs
         return splits, {}
     examples = make_shadowing_set(seed=cfg.seed, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test)
@@ -191,8 +197,16 @@ def main(argv: list[str] | None = None, *, hook: Callable[[int, torch.nn.Module]
     # 2. conversations -> token ids + loss masks (truncated to the context, counts reported)
     convs, examples = load_conversations(cfg, out)
     encoded = {}
-    for split, items in convs.items():
-        encoded[split], counts = encode_dataset(tokenizer, items, T + 1)  # T + 1 tokens: T inputs, T labels
+    for split in ("train", "val"):  # the test split is answered by generation, not scored by loss
+        if not convs.get(split):
+            continue
+        try:
+            encoded[split], counts = encode_dataset(tokenizer, convs[split], T + 1)  # T inputs, T labels
+        except ValueError as e:  # nothing left to train on (or to validate with) within the context
+            if split == "train":
+                raise UsageError(f"{e} (the model's context is {T} tokens)") from None
+            print(f"[{CHAPTER}] val: {e}; no val loss")
+            continue
         print(f"[{CHAPTER}] {split}: {counts['kept']} kept, {counts['truncated']} truncated to {T} tokens, "
               f"{counts['dropped']} dropped (every trained token cut)")
     train = encoded["train"]
@@ -204,7 +218,8 @@ def main(argv: list[str] | None = None, *, hook: Callable[[int, torch.nn.Module]
 
     # what trains: the mask view of one conversation and the template lint
     first = next((x for x in train if not x.truncated), train[0])
-    print(f"[{CHAPTER}] which tokens train (highlighted) in one conversation:\n" + show_mask(tokenizer, first.ids, first.loss_mask, color=sys.stdout.isatty()))
+    view = show_mask(tokenizer, first.ids, first.loss_mask, color=sys.stdout.isatty())
+    print(f"[{CHAPTER}] which tokens train (highlighted) in one conversation:\n{view}")
     findings = lint_rendering(tokenizer, first.ids.tolist(), first.loss_mask.tolist(),
                               serve_ids=render_prompt(tokenizer, first.messages[:-1]), messages=first.messages)
     print(f"[{CHAPTER}] template lint: " + ("; ".join(findings) if findings else "clean (no findings)"))
@@ -212,20 +227,29 @@ def main(argv: list[str] | None = None, *, hook: Callable[[int, torch.nn.Module]
         views = [show_mask(tokenizer, x.ids, x.loss_mask, html=True) for x in train[:cfg.batch_size]]
         (out / "mask.html").write_text("<hr>\n".join(views), encoding="utf-8")
 
-    # 3. before: the base model on the held-out tasks, and on the general wiki text
+    # 3. the method: what trains (bad --lora-targets fail here, before any long work)
+    total = model.num_params()  # the base model's parameters (PEFT's extra tensors are not counted in)
+    try:
+        described = apply_method(model, cfg.method, rank=cfg.lora_rank, alpha=cfg.lora_alpha, rslora=cfg.rslora,
+                                 targets=cfg.lora_targets.split(), adapter_size=cfg.adapter_size,
+                                 prefix_len=cfg.prefix_len, first_new_id=base_vocab)
+    except ValueError as e:
+        raise UsageError(f"--method {cfg.method}: {e}") from None
+
+    # 4. before: the base model (adapters off) on the held-out tasks, and on the general wiki text
     test = examples.get("test", [])
-    general_before = evaluate(model, general_src, cfg.general_batches)
-    base, base_answers = score_answers(model, tokenizer, test, cfg.max_new_tokens, batch_size=cfg.eval_batch_size) if (test and cfg.generate and cfg.base_eval) \
-        else ({}, [])
+
+    def answer():  # greedy answers to the held-out test tasks, scored by the world's checker
+        return score_answers(model, tokenizer, test, cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
+    with adapters_disabled(model):
+        general_before = evaluate(model, general_src, cfg.general_batches)
+        base, base_answers = answer() if (test and cfg.generate and cfg.base_eval) else ({}, [])
     if base:
         print(f"[{CHAPTER}] base model on {len(test)} test tasks:\n{scores_table(base)}")
 
-    # 4. the method: what trains, the optimizer over exactly that (no weight decay on adapters unless set)
-    described = apply_method(model, cfg.method, rank=cfg.lora_rank, alpha=cfg.lora_alpha, rslora=cfg.rslora,
-                             targets=cfg.lora_targets.split(), adapter_size=cfg.adapter_size,
-                             prefix_len=cfg.prefix_len, first_new_id=base_vocab)
+    # 5. the optimizer over exactly what trains (no weight decay on adapters unless set)
     model.to(device)
-    trainable, total = trainable_parameters(model)
+    trainable = trainable_parameters(model)[0]
     optimizer = AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     per_step = cfg.batch_size * cfg.grad_accum
     max_steps = max(1, math.ceil(cfg.epochs * len(train) / per_step))
@@ -235,7 +259,7 @@ def main(argv: list[str] | None = None, *, hook: Callable[[int, torch.nn.Module]
           f"({100 * trainable / total:.2f}%); {max_steps} steps x {per_step} conversations "
           f"({cfg.epochs:g} epochs, {'packed' if cfg.packing else 'padded'}), LR {cfg.lr:g}")
 
-    # 5. resume: weights (adapters included), AdamW moments, step; the batches are a function of (seed, step)
+    # 6. resume: weights (adapters included), AdamW moments, step; the batches are a function of (seed, step)
     start_step, last_good, notes = 0, None, []
     if cfg.resume:
         state, last_good, notes = resume_run(out, cfg, model=model, optimizer=optimizer, config=identity,
@@ -250,7 +274,7 @@ def main(argv: list[str] | None = None, *, hook: Callable[[int, torch.nn.Module]
                              config=identity, extra={"train": dataclasses.asdict(cfg), "finished": step >= max_steps,
                                                      "tokenizer_state": tokenizer.state()})
 
-    # 6. the loop: sample conversations, pack, summed token loss / trained tokens of the step, clip, AdamW
+    # 7. the loop: sample conversations, pack, summed token loss / trained tokens of the step, clip, AdamW
     model.train()
     done, train_time, trained_tokens = start_step, 0.0, 0
     with InterruptGuard() as interrupt, MetricsLogger(out / "metrics.jsonl", resume=cfg.resume) as logger, \
@@ -278,8 +302,9 @@ def main(argv: list[str] | None = None, *, hook: Callable[[int, torch.nn.Module]
                 (cfg.general_mix * general_loss).backward()
             try:
                 loss = check_finite(loss_sum / n_step, step, last_good)
-                grad_norm = check_finite(clip_grad_norm([p for p in model.parameters() if p.requires_grad],
-                                                        cfg.grad_clip or math.inf), step, last_good, what="gradient norm")
+                trained = [p for p in model.parameters() if p.requires_grad]
+                grad_norm = check_finite(clip_grad_norm(trained, cfg.grad_clip or math.inf), step, last_good,
+                                         what="gradient norm")  # the pre-clip norm
             except FloatingPointError as e:
                 logger.log(step=step, event="non-finite", message=str(e))
                 raise
@@ -304,14 +329,15 @@ def main(argv: list[str] | None = None, *, hook: Callable[[int, torch.nn.Module]
                 break
     finished = done >= max_steps
 
-    # 7. after: the same test tasks, side by side, forgetting, plots, the exported chat model
+    # 8. after: the same test tasks, side by side, forgetting, plots, the exported chat model
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
     evals = [r for r in rows if "general_loss" in r]
     general_after = evals[-1]["general_loss"] if evals else evaluate(model, general_src, cfg.general_batches)
     retention = 100.0 * general_before / general_after
-    sft, sft_answers = score_answers(model, tokenizer, test, cfg.max_new_tokens, batch_size=cfg.eval_batch_size) if (test and cfg.generate and finished) else ({}, [])
+    sft, sft_answers = answer() if (test and cfg.generate and finished) else ({}, [])
     if sft:
-        print(f"[{CHAPTER}] after SFT ({described}) on the same {len(test)} test tasks:\n{scores_table(sft, base or None)}")
+        print(f"[{CHAPTER}] after SFT ({described}) on the same {len(test)} test tasks:\n"
+              f"{scores_table(sft, base or None)}")
         for e, b, a in list(zip(test, base_answers or [""] * len(test), sft_answers))[:cfg.show]:
             print(f"--- {e.task}: {e.messages[-2]['content'][:160]!r}\n    base: {b[:160]!r}\n    SFT:  {a[:160]!r}")
         for name, (goal, reached) in goals(sft).items():
@@ -321,15 +347,16 @@ def main(argv: list[str] | None = None, *, hook: Callable[[int, torch.nn.Module]
     print(f"[{CHAPTER}] general wiki loss {general_before:.3f} -> {general_after:.3f}: retention {retention:.1f}%"
           + ("  (below the 80% warning line: forgetting)" if retention < 80 else ""))
     if cfg.plots and rows:
+        vals = [r for r in evals if "val_loss" in r]
         plot_lines(out / "loss.png", {"SFT train loss": ([r["step"] for r in rows], [r["loss"] for r in rows]),
-                                      "SFT val loss": ([r["step"] for r in evals if "val_loss" in r],
-                                                       [r["val_loss"] for r in evals if "val_loss" in r]),
-                                      "general wiki loss": ([r["step"] for r in evals], [r["general_loss"] for r in evals])},
+                                      "SFT val loss": ([r["step"] for r in vals], [r["val_loss"] for r in vals]),
+                                      "general wiki loss": ([r["step"] for r in evals],
+                                                            [r["general_loss"] for r in evals])},
                    hlines={"general loss before SFT": general_before}, title=f"{CHAPTER}: {described}",
                    xlabel="step", ylabel="nats / token")
-    if finished:  # plain GPT weights (adapters merged) + the chat tokenizer: chapter 4's starting point
-        save_checkpoint(out / "model.pt", model=export_model(model), step=done,
-                        config={"model": dataclasses.asdict(model.cfg)},
+    exported = export_model(model) if finished else None  # None: adapters / prefixes are not plain weights
+    if exported is not None:  # plain GPT weights (LoRA merged) + the chat tokenizer: chapter 4's starting point
+        save_checkpoint(out / "model.pt", model=exported, step=done, config={"model": dataclasses.asdict(model.cfg)},
                         extra={"tokenizer_state": tokenizer.state(), "finished": True, "method": described})
     summary = {
         "chapter": CHAPTER, "method": described, "steps": done, "max_steps": max_steps, "finished": finished,
@@ -341,7 +368,7 @@ def main(argv: list[str] | None = None, *, hook: Callable[[int, torch.nn.Module]
         "first_loss": rows[0]["loss"] if rows else None, "last_loss": rows[-1]["loss"] if rows else None,
         "val_loss": next((r["val_loss"] for r in reversed(evals) if "val_loss" in r), None),
         "general_loss_before": general_before, "general_loss_after": general_after, "retention_pct": retention,
-        "base": base, "sft": sft, "model": str(out / "model.pt") if finished else None,
+        "base": base, "sft": sft, "model": str(out / "model.pt") if exported is not None else None,
         "config": dataclasses.asdict(cfg),
     }
     write_json_atomic(out / "summary.json", summary)

@@ -46,9 +46,10 @@ class TokenRows(nn.Module):
         if self.kind == "head":
             logits = self.base(x)  # (B, T, V)
             return torch.cat([logits[..., :self.first], x @ self.rows.t()], dim=-1)  # (B, T, first + k)
+        base = self.base(x)  # (B, T, C); the base embedding checks the ids
         new = x >= self.first  # (B, T): ids that are new tokens
         picked = self.rows[(x - self.first).clamp(min=0)]  # (B, T, C)
-        return torch.where(new.unsqueeze(-1), picked.to(self.base.weight.dtype), self.base(x))
+        return torch.where(new.unsqueeze(-1), picked.to(base.dtype), base)
 
 
 def train_token_rows(model: nn.Module, first: int) -> int:

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from minilife.align.chat import add_chat_tokens, chat_token_ids, render_prompt
-from minilife.align.respond import respond
+from minilife.align.respond import respond, score_answers
 from minilife.data.bpe_train import train_bpe
+from minilife.data.shadowing import make_shadowing_set, score_responses
 from minilife.model.finetune import apply_method, export_model
 from minilife.model.transformer import GPT, ModelConfig
 
@@ -107,8 +108,6 @@ def test_prompts_at_the_end_of_the_context_get_a_shorter_answer(chat, near_end):
     assert all(want)
 
 
-@pytest.mark.xfail(strict=True, reason="respond.py limits a whole batch to the room of its longest prompt: a short "
-                                      "prompt batched with one near the context end gets a cut answer")
 def test_a_long_prompt_does_not_cut_the_answers_it_is_batched_with(chat, conversations, near_end):
     model, tok = chat
     mixed = conversations + near_end
@@ -155,3 +154,11 @@ def test_bad_arguments_raise(chat, conversations):
     with pytest.raises(ValueError, match="must end with a user turn"):
         respond(model, tok, [conversations[0][:3]], MAX_NEW)
     assert respond(model, tok, [], MAX_NEW) == []
+
+
+def test_score_answers_scores_respond_on_the_prompts_without_their_gold_answer(chat):
+    model, tok = chat
+    examples = make_shadowing_set(seed=0, n_train=0, n_val=0, n_test=7)["test"]
+    scores, answers = score_answers(model, tok, examples, 4, batch_size=3)
+    assert answers == respond(model, tok, [e.messages[:-1] for e in examples], 4)  # the gold turn is not shown
+    assert scores == score_responses(examples, answers) and scores["n"] == 7

@@ -156,6 +156,15 @@ def test_token_rows_embed_new_ids_from_rows_and_old_ids_from_the_frozen_matrix(t
     assert (head_rows is rows) == tied  # tied: one Parameter serves both
 
 
+def test_token_rows_keep_the_clear_error_for_ids_outside_the_vocabulary(tok):
+    model, _, first = chat_gpt(tok)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(torch.tensor([[1, first + K]]))  # the plain model's error
+    apply(model, "lora", first)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(torch.tensor([[1, first + K]]))
+
+
 def test_untied_head_rows_start_from_the_head_matrix(tok):
     model, _, first = chat_gpt(tok, tied=False)
     head_w, emb_w = model.lm_head.weight.detach().clone(), model.tok_emb.weight.detach().clone()
