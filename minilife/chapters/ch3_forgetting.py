@@ -1,6 +1,6 @@
 """Chapter 3: catastrophic forgetting, measured: general held-out loss before and after fine-tuning.
 
-    python -m minilife.chapters.ch3_forgetting          # ~5 min on 2 cores (--smoke: ~1 min)
+    python -m minilife.chapters.ch3_forgetting          # ~3 min on 2 cores (--smoke: ~1 min)
 
 runs chapter 3's SFT (losses only, no generation) across the settings the lifecycle notes name as
 causes and fixes of forgetting: the learning rate, the number of epochs, LoRA instead of full

@@ -1,9 +1,10 @@
 """Chapter 3: full fine-tuning vs LoRA (several ranks) vs DoRA vs bottleneck adapters vs prefix tuning.
 
-    python -m minilife.chapters.ch3_lora                # ~5 min on 2 cores (--smoke: ~1 min)
+    python -m minilife.chapters.ch3_lora                # ~6 min on 2 cores (--smoke: ~1 min)
 
 runs chapter 3's SFT once per method (``python -m minilife.chapters.ch3_sft --method ...``, each in its
-own run directory under runs/ch3_lora/) on the same data, steps and seed, and prints one table:
+own run directory under runs/ch3_lora/) on the same data, steps and seed (each method at its own
+LR, ``--lrs``), and prints one table:
 trainable parameters (and their share of full fine-tuning's), AdamW state bytes, step time, the test
 tasks' accuracy (the checker's mean score: the fraction of gold fields right), exact-field accuracy,
 format validity, and the general-text retention. Writes methods.png (accuracy against trainable
@@ -30,6 +31,7 @@ from pathlib import Path
 from minilife.artifacts import read_summary, ensure_pretrained, run_chapter
 from minilife.common import (RunConfig, cli_field, config_from_args, fmt_count, markdown_table,
                              plot_lines, start_run, write_json_atomic)
+from minilife.model.finetune import METHODS
 from minilife.runs import cli
 
 CHAPTER = "ch3_lora"
@@ -44,19 +46,33 @@ class LoRACompareConfig(RunConfig):
                              "space-separated runs: full, lora:RANK, dora:RANK, adapter, prefix")
     n_train: int = cli_field(1000, "training conversations per run", smoke=60)
     n_test: int = cli_field(140, "test conversations", smoke=14)
-    epochs: float = cli_field(2.0, "passes over the training conversations per run", smoke=1.0)
+    epochs: float = cli_field(3.0, "passes over the training conversations per run", smoke=1.0)
+    lrs: str = cli_field("full=1e-3,lora=5e-3,dora=5e-3,adapter=5e-3,prefix=1e-2",
+                         "peak LR per method: few trainable values need larger steps to move in the same budget")
 
     def __post_init__(self):
         super().__post_init__()
         self.runs = [parse_method(m) for m in self.methods.split()]
         if not self.runs:
             raise ValueError("--methods: name at least one run")
+        self.lr_of = {}
+        for item in filter(None, self.lrs.split(",")):
+            name, _, value = (x.strip() for x in item.partition("="))
+            try:
+                if name not in METHODS:
+                    raise ValueError
+                self.lr_of[name] = float(value)
+            except ValueError:
+                raise ValueError(f"--lrs: {item!r} is not method=LR (methods: {', '.join(METHODS)})") from None
+        missing = sorted({m for m, _ in self.runs} - set(self.lr_of))
+        if missing or not all(v > 0 for v in self.lr_of.values()):
+            raise ValueError(f"--lrs: every method run needs an LR > 0; missing {missing}")
 
 
 def parse_method(text: str) -> tuple[str, int | None]:
     """'lora:4' -> ('lora', 4); 'full' -> ('full', None). Bad names and ranks raise naming the item."""
     name, _, rank = text.partition(":")
-    if name not in ("full", "lora", "dora", "adapter", "prefix"):
+    if name not in METHODS:
         raise ValueError(f"--methods: unknown method {name!r} in {text!r}; use full, lora:R, dora:R, adapter, prefix")
     if name in ("lora", "dora"):
         if not rank.isdigit() or int(rank) < 1:
@@ -78,7 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
     for i, (method, rank) in enumerate(cfg.runs):
         label = method if rank is None else f"{method} r={rank}"
         run_dir = out / (method if rank is None else f"{method}_r{rank}")
-        args = shared + ["--method", method, "--out", str(run_dir)] + (["--lora-rank", str(rank)] if rank else [])
+        args = shared + ["--method", method, "--lr", str(cfg.lr_of[method]), "--out", str(run_dir)] \
+            + (["--lora-rank", str(rank)] if rank else [])
         print(f"[{CHAPTER}] run {i + 1}/{len(cfg.runs)}: {label}", flush=True)
         run_chapter("ch3_sft", args + ([] if i == 0 else ["--no-base-eval"]))  # the base model is scored once
         results.append(collect(label, run_dir / "summary.json"))

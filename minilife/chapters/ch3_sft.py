@@ -1,6 +1,6 @@
 """Chapter 3: the shadowing. Supervised fine-tuning of the pretrained GPT on chat tasks, loop written out.
 
-    python -m minilife.chapters.ch3_sft                 # ~3 min on 2 cores (--smoke: ~15 s)
+    python -m minilife.chapters.ch3_sft                 # ~2 min on 2 cores (--smoke: ~10 s)
 
 prints the base model failing the world's tasks (summarise an e-mail in 3 bullets, draft a reply,
 extract action items, extract a date as JSON, answer a policy question, refuse private requests and
@@ -8,7 +8,14 @@ not refuse their look-alikes), the token-mask view of one batch (which tokens tr
 lint, the fine-tuning loop, then the same test tasks after SFT: format validity, exact-field accuracy
 per task, refusal and over-refusal rates, outputs side by side, and the general wiki loss before and
 after (forgetting). Writes metrics.jsonl, loss.png, mask.html, summary.json, checkpoints, and
-``model.pt`` (plain GPT weights, adapters merged, with the chat tokenizer) to runs/ch3_sft/.
+``model.pt`` (plain GPT weights, LoRA merged, with the chat tokenizer) to runs/ch3_sft/.
+
+The default run (full fine-tuning, 375 steps) takes the model from 0% to ~100% format validity, 100%
+refusals with 0% over-refusal, and leaves ~64% of its general wiki loss "retained"; exact fields it
+must copy out of the e-mail (names, dates) stay rare (~8% on the extraction tasks): SFT teaches the
+behaviour -- the formats, the refusal policy, the event types -- but not an ability the pretrained
+model lacks (this 1M-parameter model, pretrained on ~1M tokens, does not copy values out of a
+150-token context; three times the pretraining and twice the SFT data did not change that).
 
 What it implements (read ``main`` top to bottom; it is the loop)
 - the base model: chapter 2's checkpoint (trained first if missing) plus the chat role tokens
