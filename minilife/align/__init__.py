@@ -1,9 +1,18 @@
 """Alignment after pretraining: SFT, reward model, PPO, DPO. Shared here: masked per-token log-probs;
 the chat template (chat), SFT data and batches (sft), the template linter and mask viewer (template_lint),
-answering chat prompts (respond)."""
+answering chat prompts (respond); chapter 4's math: the reward model (reward), PPO (ppo), GRPO (grpo),
+the DPO family (dpo) and the KL estimators (kl)."""
 from minilife.align.chat import (CHAT_TEMPLATE, ChatRendering, ChatTemplate, ChatTokenIds, add_chat_tokens,
                                  chat_token_ids, check_messages, message_errors, render_chat, render_prompt)
-from minilife.align.logprobs import masked_mean, masked_sum, model_logprobs, token_entropy, token_logprobs
+from minilife.align.dpo import (LOSS_TYPES, DPOOutput, ReferenceLogprobs, cached_reference_logprobs, dpo_loss,
+                               model_sequence_logprobs, sequence_logprobs)
+from minilife.align.grpo import group_advantages, grpo_loss, reinforce_baseline_advantages
+from minilife.align.kl import KL_KINDS, estimator_stats, exact_kl, expected_loss_gradients, kl_estimate
+from minilife.align.logprobs import (last_token_index, masked_mean, masked_sum, model_logprobs, token_entropy,
+                                     token_logprobs)
+from minilife.align.ppo import (AdaptiveKL, FixedKL, ValueHead, explained_variance, gae, kl_penalised_rewards,
+                                ppo_policy_loss, ppo_value_loss, whiten)
+from minilife.align.reward import RewardModel, bradley_terry_loss, check_same_tokenizer, preference_accuracy
 from minilife.align.sft import (SFTBatch, SFTExample, collate, encode_conversation, encode_dataset, pack_batch,
                                 pad_batch, read_chat_jsonl, sft_eval_loss, sft_loss_sum, split_step, write_chat_jsonl)
 from minilife.align.respond import respond, score_answers
@@ -11,7 +20,12 @@ from minilife.align.template_lint import (lint_conversation, lint_rendering, loo
                                           token_name)
 
 __all__ = [
-    "masked_mean", "masked_sum", "model_logprobs", "token_entropy", "token_logprobs",
+    "last_token_index", "masked_mean", "masked_sum", "model_logprobs", "token_entropy", "token_logprobs",
+    "LOSS_TYPES", "DPOOutput", "ReferenceLogprobs", "cached_reference_logprobs", "dpo_loss", "model_sequence_logprobs",
+    "sequence_logprobs", "group_advantages", "grpo_loss", "reinforce_baseline_advantages", "KL_KINDS",
+    "estimator_stats", "exact_kl", "expected_loss_gradients", "kl_estimate", "AdaptiveKL", "FixedKL", "ValueHead",
+    "explained_variance", "gae", "kl_penalised_rewards", "ppo_policy_loss", "ppo_value_loss", "whiten",
+    "RewardModel", "bradley_terry_loss", "check_same_tokenizer", "preference_accuracy",
     "CHAT_TEMPLATE", "ChatRendering", "ChatTemplate", "ChatTokenIds", "add_chat_tokens", "chat_token_ids",
     "check_messages", "message_errors", "render_chat", "render_prompt",
     "SFTBatch", "SFTExample", "collate", "encode_conversation", "encode_dataset", "pack_batch", "pad_batch",

@@ -7,6 +7,8 @@ What it implements
 - ``token_entropy``: H_t = -sum_v p_t(v) log p_t(v), PPO's entropy bonus (Schulman et al. 2017, eq. 9).
 - ``masked_sum`` / ``masked_mean``: per-sequence sums (DPO) or means over the masked tokens.
 - ``model_logprobs``: one forward pass and the shift by one: position t holds log p(x_t | x_<t).
+- ``last_token_index``: where each row's last real token is, whatever the padding side (where a reward
+  model, a value head and the sequence score of PPO read a sequence).
 Computed in float32 or wider (bf16 logits are upcast). Masked positions are selected away with
 ``torch.where``, never multiplied by 0, so they give exactly 0 and exactly zero gradient even when
 their logits hold inf/NaN (0 * NaN = NaN would leak).
@@ -69,3 +71,18 @@ def model_logprobs(model, input_ids: torch.Tensor, padding_mask: torch.Tensor | 
     logits = logits[:, :-1]  # (B, T-1, V): position t - 1 predicts input_ids[:, t]
     logprobs = F.pad(token_logprobs(logits, input_ids[:, 1:], scored), (1, 0))  # (B, T-1) -> (B, T), column 0: 0
     return (logprobs, F.pad(token_entropy(logits, scored), (1, 0))) if with_entropy else logprobs
+
+
+def last_token_index(padding_mask: torch.Tensor) -> torch.Tensor:
+    """padding_mask (B, T) bool, True = real token -> (B,) long, the position of each row's last
+    real token (left, right or no padding alike). A row with no real token is a ValueError."""
+    if not isinstance(padding_mask, torch.Tensor) or padding_mask.dim() != 2 or padding_mask.dtype != torch.bool:
+        got = (f"{padding_mask.dtype} {tuple(padding_mask.shape)}" if isinstance(padding_mask, torch.Tensor)
+               else type(padding_mask).__name__)
+        raise ValueError(f"padding_mask must be a bool tensor (B, T), got {got}")
+    empty = ~padding_mask.any(dim=1)  # (B,)
+    if bool(empty.any()):
+        rows = empty.nonzero().flatten().tolist()
+        raise ValueError(f"padding_mask: row(s) {rows[:5]} have no real token; a reward needs at least one")
+    positions = torch.arange(padding_mask.shape[1], device=padding_mask.device)  # (T,)
+    return torch.where(padding_mask, positions, -1).amax(dim=1)  # (B,)

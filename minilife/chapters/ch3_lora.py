@@ -47,7 +47,7 @@ class LoRACompareConfig(RunConfig):
     n_train: int = cli_field(1000, "training conversations per run", smoke=60)
     n_test: int = cli_field(140, "test conversations", smoke=14)
     epochs: float = cli_field(3.0, "passes over the training conversations per run", smoke=1.0)
-    lrs: str = cli_field("full=1e-3,lora=5e-3,dora=5e-3,adapter=5e-3,prefix=1e-2",
+    lrs: str = cli_field("full=1e-3,lora=1e-2,dora=1e-2,adapter=5e-3,prefix=1e-2",
                          "peak LR per method: few trainable values need larger steps to move in the same budget")
 
     def __post_init__(self):

@@ -1,0 +1,144 @@
+"""The reward model: a language model with a scalar head, trained on preference pairs with the
+Bradley-Terry loss.
+
+What it implements
+- ``RewardModel``: a GPT trunk (``GPT.hidden``) and a head Linear(C, 1) read at each row's LAST REAL
+  token, so a reward does not depend on the padding side or on the other rows of the batch (causal
+  attention: that token has seen the whole prompt and response). ``RewardModel.from_gpt`` copies a
+  pretrained/SFT GPT, as InstructGPT's reward model starts from the SFT model (Ouyang et al. 2022, sec. 3.5).
+  The head starts at N(0, 1 / (C + 1)) with bias 0, the scale of Ziegler et al. 2019's reward head.
+- ``last_token_index``: the position of each row's last real token (also where a value head or a
+  sequence score is read).
+- ``bradley_terry_loss``: with d = r_chosen - r_rejected,
+      loss = mean_i(-log sigmoid(d_i - m_i)) + c * mean_i((r_chosen_i + r_rejected_i)^2)
+  The first term is the negative log-likelihood of the Bradley-Terry model P(chosen > rejected) =
+  sigmoid(d) (Bradley & Terry 1952; InstructGPT eq. 1); the margin m asks for d > m, Llama 2's
+  margin term (Touvron et al. 2023, eq. 2); the second term, with coefficient c, pulls the pair's
+  rewards toward zero sum (reward centring, the auxiliary loss of Eisenstein et al. 2023). Also the
+  pairwise accuracy: the share of pairs with r_chosen > r_rejected (a tie counts half).
+- ``check_same_tokenizer``: a reward model scores token ids, so it must share the policy's tokenizer.
+
+What it leaves out: reward normalisation to mean 0 / std 1 on SFT samples (the PPO code can do it
+with two numbers), ensembles, per-token (process) rewards, and the training loop (the chapter).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minilife.align.logprobs import last_token_index
+
+__all__ = ["BTLoss", "RewardModel", "bradley_terry_loss", "check_same_tokenizer", "last_token_index",
+           "preference_accuracy"]
+
+
+class RewardModel(nn.Module):
+    """A GPT trunk and a scalar head: (idx (B, T), padding_mask (B, T)) -> rewards (B,)."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        if not hasattr(body, "hidden") or not hasattr(body, "cfg"):
+            raise TypeError(f"RewardModel: body must be a GPT (with .hidden and .cfg), got {type(body).__name__}")
+        self.body = body
+        C = body.cfg.n_embd
+        self.head = nn.Linear(C, 1)
+        nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(C + 1))
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_gpt(cls, gpt: nn.Module) -> "RewardModel":
+        """A reward model whose trunk is a deep copy of ``gpt`` (e.g. the SFT model): training it
+        leaves ``gpt`` untouched. The copy keeps its LM head, unused here (tied to the embedding by default)."""
+        return cls(copy.deepcopy(gpt))
+
+    def forward(self, idx: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) long; padding_mask (B, T) bool, True = real token (None: all real).
+        Returns rewards (B,): the head applied to the final hidden state at each row's last real token."""
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
+            raise ValueError(f"idx must be a (B, T) tensor of token ids, got "
+                             f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__}")
+        B, T = idx.shape
+        if padding_mask is None:
+            padding_mask = torch.ones(B, T, dtype=torch.bool, device=idx.device)
+        elif padding_mask.shape != idx.shape:
+            raise ValueError(f"padding_mask must have idx's shape {tuple(idx.shape)}, got {tuple(padding_mask.shape)}")
+        last = last_token_index(padding_mask)  # (B,)
+        h = self.body.hidden(idx, padding_mask=padding_mask)  # (B, T, C)
+        h_last = h[torch.arange(B, device=h.device), last]  # (B, C)
+        return self.head(h_last).squeeze(-1)  # (B, 1) -> (B,)
+
+
+class BTLoss(NamedTuple):
+    """``bradley_terry_loss``'s result: loss (scalar, differentiable), accuracy (scalar, no grad)."""
+    loss: torch.Tensor
+    accuracy: torch.Tensor
+
+
+def _check_pair(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> None:
+    for name, r in (("r_chosen", r_chosen), ("r_rejected", r_rejected)):
+        if not isinstance(r, torch.Tensor) or r.dim() != 1 or not r.is_floating_point() or r.numel() == 0:
+            got = f"{r.dtype} {tuple(r.shape)}" if isinstance(r, torch.Tensor) else type(r).__name__
+            raise ValueError(f"{name} must be a non-empty floating tensor (B,), got {got}")
+    if r_chosen.shape != r_rejected.shape:
+        raise ValueError(f"r_chosen {tuple(r_chosen.shape)} and r_rejected {tuple(r_rejected.shape)} must have "
+                         f"the same shape (B,): one reward per pair")
+
+
+def preference_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Share of pairs (B,) with r_chosen > r_rejected, a tie counting 1/2 (an untrained constant
+    reward scores 0.5, chance). Returns a float scalar without grad."""
+    _check_pair(r_chosen, r_rejected)
+    with torch.no_grad():
+        wins = (r_chosen > r_rejected).double() + 0.5 * (r_chosen == r_rejected).double()  # (B,)
+        return wins.mean().float()
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: float | torch.Tensor = 0.0,
+                       center_coef: float = 0.0) -> BTLoss:
+    """The reward model's pairwise loss (formula in the module docstring). r_chosen, r_rejected (B,)
+    float; margin a float or (B,) tensor (how much better chosen must be, in reward units); center_coef
+    >= 0. Computed in float32 or wider. Returns BTLoss(loss, accuracy)."""
+    _check_pair(r_chosen, r_rejected)
+    if isinstance(center_coef, bool) or not isinstance(center_coef, (int, float)) or not 0 <= center_coef < math.inf:
+        raise ValueError(f"center_coef must be a finite number >= 0, got {center_coef!r}")
+    dtype = torch.promote_types(r_chosen.dtype, torch.float32)
+    rc, rr = r_chosen.to(dtype), r_rejected.to(dtype)
+    if isinstance(margin, torch.Tensor):
+        if margin.shape not in ((), r_chosen.shape):
+            raise ValueError(f"margin must be a float or a tensor of shape {tuple(r_chosen.shape)} (one per pair), "
+                             f"got {tuple(margin.shape)}")
+        if not bool(torch.isfinite(margin).all()):
+            raise ValueError("margin must be finite")
+        margin = margin.to(device=rc.device, dtype=dtype).detach()
+    elif isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+        raise ValueError(f"margin must be a finite float or a (B,) tensor, got {margin!r}")
+    nll = -F.logsigmoid(rc - rr - margin).mean()
+    loss = nll + center_coef * (rc + rr).pow(2).mean() if center_coef else nll
+    return BTLoss(loss, preference_accuracy(r_chosen, r_rejected))
+
+
+def _tokenizer_state(tok, who: str) -> dict:
+    state = tok.state() if hasattr(tok, "state") else tok
+    if not isinstance(state, dict) or "vocab_size" not in state:
+        raise TypeError(f"check_same_tokenizer: {who} must be a Tokenizer or its state() dict, "
+                        f"got {type(tok).__name__}")
+    return state
+
+
+def check_same_tokenizer(reward_tokenizer, policy_tokenizer, names: tuple[str, str] = ("reward model", "policy")
+                         ) -> None:
+    """Raise ValueError unless the two tokenizers (``Tokenizer`` objects or their ``state()`` dicts,
+    as checkpoints carry them) are identical: same vocabulary, merges, special tokens and pattern.
+    A reward model fed another tokenizer's ids reads the wrong tokens without any error of its own."""
+    a, b = _tokenizer_state(reward_tokenizer, names[0]), _tokenizer_state(policy_tokenizer, names[1])
+    if a == b:
+        return
+    what = [k for k in ("ranks", "special_tokens", "pattern") if a.get(k) != b.get(k)] or ["name/format"]
+    raise ValueError(f"the {names[0]} and the {names[1]} use different tokenizers ({names[0]}: vocab_size "
+                     f"{a['vocab_size']}, {names[1]}: vocab_size {b['vocab_size']}; they differ in "
+                     f"{', '.join(what)}); train the {names[0]} from a model with the {names[1]}'s tokenizer")
