@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from minilife.common import (MetricsLogger, RunConfig, chapter_dir, check_flags, cli_field, config_from_args,
-                             make_config, pick_device, plot_lines, read_jsonl, seed_everything, start_run,
-                             write_json_atomic)
+                             make_config, pick_device, read_jsonl, seed_everything, start_run, write_json_atomic)
+from minilife.plots import plot_lines
 
 
 @dataclass

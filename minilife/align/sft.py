@@ -28,7 +28,6 @@ tokens too (a variant some papers use), the training loop itself (the chapter's)
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -38,6 +37,7 @@ import torch
 from minilife.align.chat import CHAT_TEMPLATE, ChatTemplate, check_messages, render_chat
 from minilife.common import write_jsonl_atomic
 from minilife.data.bpe import Tokenizer
+from minilife.data.checks import read_records
 from minilife.train import IGNORE_INDEX
 
 Conversation = list[dict[str, str]]  # [{"role": ..., "content": ...}, ...]
@@ -85,34 +85,18 @@ class SFTBatch:
 # ---------------------------------------------------------------------------------------- JSONL
 
 def read_chat_jsonl(path, *, skip_bad: bool = False) -> tuple[list[Conversation], int]:
-    """Conversations of a chat JSONL file and how many bad lines were skipped. A bad line (not JSON, no
-    "messages", a bad message, see ``message_errors``) raises ValueError("file:line: ...") unless
+    """Conversations of a chat JSONL file and how many bad lines were skipped. A bad line (not UTF-8, not
+    JSON, no "messages", a bad message, see ``message_errors``) raises ValueError("file:line: ...") unless
     ``skip_bad``; a file without any conversation is an error either way. Blank lines are ignored."""
-    conversations, n_bad, first_error = [], 0, None
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                try:
-                    row = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    raise ValueError(f"{where}: not UTF-8 text (byte {e.start} of the line)") from None
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict) or "messages" not in row:
-                    raise ValueError(f'{where}: expected an object with a "messages" list')
-                check_messages(row["messages"], where)
-            except ValueError as e:
-                if not skip_bad:
-                    raise
-                n_bad, first_error = n_bad + 1, first_error or str(e)
-                continue
-            conversations.append([{"role": m["role"], "content": m["content"]} for m in row["messages"]])
-    if not conversations:
-        raise ValueError(f"{path}: no conversations" + (f" ({n_bad} bad lines, first: {first_error})" if n_bad else ""))
-    return conversations, n_bad
+    return read_records(path, _conversation, skip_bad=skip_bad, what="conversations")
+
+
+def _conversation(row, where: str) -> Conversation:
+    """One line's {"messages": [...]} checked -> the list of {"role", "content"} messages."""
+    if not isinstance(row, dict) or "messages" not in row:
+        raise ValueError(f'{where}: expected an object with a "messages" list')
+    check_messages(row["messages"], where)
+    return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
 
 
 def write_chat_jsonl(path, conversations: Sequence[Conversation]) -> Path:

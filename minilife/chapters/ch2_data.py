@@ -44,8 +44,9 @@ from typing import Literal
 
 import numpy as np
 
-from minilife.common import (MetricsLogger, RunConfig, cli_field, config_from_args, fmt_count, plot_lines, start_run,
+from minilife.common import (MetricsLogger, RunConfig, cli_field, config_from_args, fmt_count, start_run,
                              write_json_atomic)
+from minilife.plots import plot_lines
 from minilife.runs import cli
 from minilife.data import clean, lsh, minhash
 from minilife.data.world import SOURCES, WorldConfig, make_wiki, world_stats

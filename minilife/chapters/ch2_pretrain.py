@@ -55,8 +55,9 @@ from tqdm import tqdm
 
 from minilife.artifacts import ensure_data, load_token_data
 from minilife.checkpoint import CheckpointError, check_finite
-from minilife.common import (MetricsLogger, check_flags, cli_field, config_from_args, fmt_count, plot_lines, read_jsonl,
-                             start_run, write_json_atomic)
+from minilife.common import (MetricsLogger, check_flags, cli_field, config_from_args, fmt_count, read_jsonl, start_run,
+                             write_json_atomic)
+from minilife.plots import plot_lines
 from minilife.runs import InterruptGuard, ResumableConfig, cli, interrupted, prepare_run_dir, resume_run, save_rotating
 from minilife.model.transformer import GPT, PRESETS, ModelConfig
 from minilife.optim.adamw import AdamW
@@ -82,7 +83,8 @@ class PretrainConfig(ResumableConfig):
     n_layer: int = cli_field(4, "transformer blocks", smoke=2)
     n_head: int = cli_field(4, "attention heads", smoke=2)
     n_embd: int = cli_field(128, "model width C", smoke=64)
-    context_length: int = cli_field(256, "tokens per sequence T (256: a whole e-mail plus its SFT answer fits, chapter 3)", smoke=64)
+    context_length: int = cli_field(256, "tokens per sequence T (256: an e-mail and its SFT answer fit, chapter 3)",
+                                    smoke=64)
     dropout: float = cli_field(0.0, "dropout probability (0 for short pretraining runs)")
     attn_impl: Literal["math", "sdpa", "triton"] = cli_field("sdpa", "attention path")
     gradient_checkpointing: bool = cli_field(False, "recompute block activations in backward (chapter 5)")

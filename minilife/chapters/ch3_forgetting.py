@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minilife.artifacts import read_summary, ensure_data, ensure_pretrained, run_chapter
-from minilife.common import (RunConfig, cli_field, config_from_args, markdown_table, plot_bars, plot_lines,
-                             start_run, write_json_atomic)
+from minilife.common import RunConfig, cli_field, config_from_args, markdown_table, start_run, write_json_atomic
+from minilife.plots import plot_bars, plot_lines
 from minilife.runs import cli
 
 CHAPTER = "ch3_forgetting"

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minilife.artifacts import read_summary, ensure_pretrained, run_chapter
-from minilife.common import (RunConfig, cli_field, config_from_args, fmt_count, markdown_table,
-                             plot_lines, start_run, write_json_atomic)
+from minilife.common import (RunConfig, cli_field, config_from_args, fmt_count, markdown_table, start_run,
+                             write_json_atomic)
+from minilife.plots import plot_lines
 from minilife.model.finetune import METHODS
 from minilife.runs import cli
 

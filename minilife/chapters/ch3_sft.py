@@ -58,9 +58,10 @@ from minilife.align.sft import encode_dataset, read_chat_jsonl, sft_eval_loss, s
 from minilife.align.template_lint import lint_rendering, show_mask
 from minilife.artifacts import ensure_data, ensure_pretrained, load_pretrained, load_token_data
 from minilife.checkpoint import check_finite, save_checkpoint
-from minilife.common import (MetricsLogger, UsageError, check_flags, cli_field, config_from_args, fmt_count,
-                             plot_lines, read_jsonl, start_run, write_json_atomic)
-from minilife.data.shadowing import ALL_TASKS, export_jsonl, make_shadowing_set
+from minilife.common import (MetricsLogger, UsageError, check_flags, cli_field, config_from_args, fmt_count, read_jsonl,
+                             start_run, write_json_atomic)
+from minilife.plots import plot_lines
+from minilife.data.shadowing import export_jsonl, make_shadowing_set, parse_task_weights
 from minilife.data.shadowing_checks import scores_table
 from minilife.model.finetune import METHODS, apply_method, export_model, optimizer_groups, trainable_parameters
 from minilife.model.peft import adapters_disabled
@@ -138,23 +139,7 @@ class SFTConfig(ResumableConfig):
             self.lr = 3e-4 if self.method == "full" else 2e-3
         if not (self.lr > 0 and 0 <= self.warmup_frac < 1):
             raise ValueError(f"need --lr > 0 and --warmup-frac in [0, 1), got {self.lr}, {self.warmup_frac}")
-        self.weights = parse_task_weights(self.task_weights)
-
-
-def parse_task_weights(text: str) -> dict[str, float]:
-    """'summary=2,refuse=0.5' -> {'summary': 2.0, 'refuse': 0.5}; names and values checked."""
-    weights = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        name, _, value = item.partition("=")
-        if name not in ALL_TASKS:
-            raise ValueError(f"--task-weights: unknown task {name!r}; tasks are {', '.join(ALL_TASKS)}")
-        try:
-            weights[name] = float(value)
-        except ValueError:
-            raise ValueError(f"--task-weights: {item!r} is not task=number") from None
-        if not weights[name] >= 0:
-            raise ValueError(f"--task-weights: {name} must be >= 0, got {value}")
-    return weights
+        self.weights = parse_task_weights(self.task_weights, flag="--task-weights")
 
 
 def load_conversations(cfg: SFTConfig, out: Path) -> tuple[dict[str, list], dict[str, list]]:

@@ -39,8 +39,9 @@ import torch
 import torch.nn.functional as F
 
 from minilife.artifacts import ensure_data, load_token_data
-from minilife.common import (MetricsLogger, RunConfig, check_flags, cli_field, config_from_args, plot_lines, start_run,
+from minilife.common import (MetricsLogger, RunConfig, check_flags, cli_field, config_from_args, start_run,
                              write_json_atomic)
+from minilife.plots import plot_lines
 from minilife.runs import cli
 from minilife.model.objectives import ObjectiveBatch
 from minilife.model.transformer import GPT, PRESETS, ModelConfig

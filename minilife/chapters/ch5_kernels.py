@@ -50,7 +50,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from minilife.common import (MetricsLogger, RunConfig, check_flags, cli_field, config_from_args, markdown_table,
-                             plot_lines, start_run, write_json_atomic)
+                             start_run, write_json_atomic)
+from minilife.plots import plot_lines
 from minilife.runs import cli
 from minilife.kernels import interpreting, triton_available
 from minilife.kernels.cross_entropy import cross_entropy

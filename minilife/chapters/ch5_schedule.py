@@ -37,8 +37,9 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from minilife.artifacts import ensure_data, load_token_data
-from minilife.common import (MetricsLogger, RunConfig, check_flags, cli_field, config_from_args, plot_lines,
-                             seed_everything, start_run, write_json_atomic)
+from minilife.common import (MetricsLogger, RunConfig, check_flags, cli_field, config_from_args, seed_everything,
+                             start_run, write_json_atomic)
+from minilife.plots import plot_lines
 from minilife.runs import cli
 from minilife.model.transformer import GPT, PRESETS, ModelConfig
 from minilife.optim.adamw import AdamW

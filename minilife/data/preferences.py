@@ -38,6 +38,7 @@ from minilife.align.chat import check_messages
 from minilife.common import write_jsonl_atomic
 from minilife.data.company import Company
 from minilife.data.documents import ISSUES
+from minilife.data.checks import read_records
 from minilife.data.shadowing import DEFAULT_SIZES, REFUSAL, Example, check, make_shadowing_set
 from minilife.data.shadowing_checks import norm
 from minilife.data.world import WorldConfig
@@ -149,28 +150,7 @@ def read_preferences(path: str | Path, *, skip_bad: bool = False) -> tuple[list[
     """(pairs, number of bad lines skipped) from a preference JSONL file. A bad line (not UTF-8, not
     JSON, missing keys, chosen == rejected, see ``Preference.from_json``) raises ValueError("file:line:
     ...") unless ``skip_bad``; a file without any pair is an error either way. Blank lines are ignored."""
-    pairs, n_bad, first_error = [], 0, None
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                try:
-                    obj = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    raise ValueError(f"{where}: not UTF-8 text (byte {e.start} of the line)") from None
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-                pairs.append(Preference.from_json(obj, where))
-            except ValueError as e:
-                if not skip_bad:
-                    raise
-                n_bad, first_error = n_bad + 1, first_error or str(e)
-    if not pairs:
-        bad = f" ({n_bad} bad lines, first: {first_error})" if n_bad else ""
-        raise ValueError(f"{path}: no preference pairs{bad}")
-    return pairs, n_bad
+    return read_records(path, Preference.from_json, skip_bad=skip_bad, what="preference pairs")
 
 
 def write_preferences(path: str | Path, pairs: Iterable[Preference | dict]) -> Path:

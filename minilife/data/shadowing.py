@@ -301,3 +301,20 @@ def export_jsonl(examples: Iterable[Example], path: str | Path) -> Path:
 def load_jsonl(path: str | Path) -> list[Example]:
     """The inverse of ``export_jsonl``."""
     return [Example.from_json(row) for row in read_jsonl(path)]
+
+
+def parse_task_weights(text: str, flag: str = "task weights") -> dict[str, float]:
+    """'summary=2,refuse=0.5' -> {'summary': 2.0, 'refuse': 0.5} (multi-task sampling weights); task names
+    and values (>= 0) are checked, errors start with ``flag``."""
+    weights = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, _, value = (x.strip() for x in item.partition("="))
+        if name not in ALL_TASKS:
+            raise ValueError(f"{flag}: unknown task {name!r}; tasks are {', '.join(ALL_TASKS)}")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ValueError(f"{flag}: {item!r} is not task=number") from None
+        if not weights[name] >= 0:
+            raise ValueError(f"{flag}: {name} must be >= 0, got {value}")
+    return weights
