@@ -1,6 +1,6 @@
 """Alignment after pretraining: SFT, reward model, PPO, DPO. Shared here: masked per-token log-probs;
 the chat template (chat), SFT data and batches (sft), the template linter and mask viewer (template_lint),
-answering chat prompts (respond); chapter 4's math: the reward model (reward), PPO (ppo), GRPO (grpo),
+answering chat prompts (respond), preference pairs as batches (pairs); chapter 4's math: the reward model (reward), PPO (ppo), GRPO (grpo),
 the DPO family (dpo) and the KL estimators (kl)."""
 from minilife.align.chat import (CHAT_TEMPLATE, ChatRendering, ChatTemplate, ChatTokenIds, add_chat_tokens,
                                  chat_token_ids, check_messages, message_errors, render_chat, render_prompt)
@@ -16,6 +16,7 @@ from minilife.align.reward import RewardModel, bradley_terry_loss, check_same_to
 from minilife.align.sft import (SFTBatch, SFTExample, collate, encode_conversation, encode_dataset, pack_batch,
                                 pad_batch, read_chat_jsonl, sft_eval_loss, sft_loss_sum, split_step, write_chat_jsonl)
 from minilife.align.respond import respond, score_answers
+from minilife.align.pairs import EncodedPair, PairBatch, collate_pairs, encode_pair, encode_pairs, pair_logprobs
 from minilife.align.template_lint import (lint_conversation, lint_rendering, looks_like_system_prompt, show_mask,
                                           token_name)
 
@@ -31,4 +32,5 @@ __all__ = [
     "SFTBatch", "SFTExample", "collate", "encode_conversation", "encode_dataset", "pack_batch", "pad_batch",
     "read_chat_jsonl", "sft_eval_loss", "sft_loss_sum", "split_step", "write_chat_jsonl", "respond", "score_answers",
     "lint_conversation", "lint_rendering", "looks_like_system_prompt", "show_mask", "token_name",
+    "EncodedPair", "PairBatch", "collate_pairs", "encode_pair", "encode_pairs", "pair_logprobs",
 ]

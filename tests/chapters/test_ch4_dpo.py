@@ -1,0 +1,112 @@
+"""ch4_dpo: a smoke run logs accuracy/margins, writes its summary and a loadable model.pt; LoRA with the
+adapters-off reference runs; --beta 0 is a usage error (exit 2); a malformed --train-file names file:line.
+
+The SFT model is made once per module by ch3_sft's main in-process (small sizes, from the session's smoke
+pretrained checkpoint) and passed with --sft, so nothing else is rebuilt.
+"""
+import json
+import math
+
+import pytest
+
+from minilife import runs
+from minilife.artifacts import load_pretrained
+from minilife.chapters import ch3_sft
+from minilife.chapters import ch4_dpo as D
+from minilife.common import read_jsonl
+from minilife.data.preferences import write_preferences
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def sft_model(smoke_data_dir, smoke_pretrained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dpo_sft")
+    s = ch3_sft.main(["--smoke", "--n-train", "40", "--n-val", "15", "--n-test", "8", "--data-dir", smoke_data_dir,
+                      "--pretrained", smoke_pretrained, "--out", str(out), "--no-generate", "--no-base-eval",
+                      "--no-plots"])
+    return s["model"]
+
+
+@pytest.fixture(scope="module")
+def common(sft_model):
+    return ["--smoke", "--sft", sft_model, "--n-test", "4", "--no-plots"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(common, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dpo_smoke")
+    return out, D.main(common + ["--out", str(out), "--plots"])
+
+
+def run_cli(argv, capsys):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        runs.cli(D.main, D.CHAPTER, argv)
+    captured = capsys.readouterr()
+    return e.value.code, captured.out, captured.err
+
+
+def test_smoke_run_logs_accuracy_and_margins_and_writes_a_summary(smoke_run):
+    out, s = smoke_run
+    assert s["finished"] and s["steps"] == s["max_steps"] == 8 and s["reference"] == "copy"
+    for key in ("win_rate", "tie_rate", "loss_rate", "gold_sft", "gold_dpo", "val_before", "val_after",
+                "first_loss", "last_loss", "step_time_s", "n_train", "n_val"):
+        assert key in s, key
+    assert s["n_test"] == 4 and s["win_rate"] + s["tie_rate"] + s["loss_rate"] == pytest.approx(1.0)
+    assert s["val_before"]["val_margin"] == pytest.approx(0.0, abs=1e-6)  # policy = reference before
+    assert s["val_before"]["val_loss"] == pytest.approx(math.log(2), abs=1e-5)  # DPO's loss at the reference
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all(0 <= r["accuracy"] <= 1 and math.isfinite(r["margin"]) for r in rows)
+    evals = [r for r in rows if "val_accuracy" in r]
+    assert [r["step"] for r in evals] == [4, 8]
+    assert all(math.isfinite(r["val_margin"]) and math.isfinite(r["drift_chosen"]) for r in evals)
+    assert json.loads((out / "summary.json").read_text())["win_rate"] == s["win_rate"]
+    for name in ("dpo_loss.png", "dpo_val.png", "model.pt", "preferences_train.jsonl"):
+        assert (out / name).is_file(), name
+
+
+def test_model_pt_loads_as_a_plain_gpt_with_the_chat_tokenizer(smoke_run, sft_model):
+    out, s = smoke_run
+    model, tok = load_pretrained(out / "model.pt")
+    sft, sft_tok = load_pretrained(sft_model)
+    assert s["model"] == str(out / "model.pt") and tok.special_tokens == sft_tok.special_tokens
+    assert model.cfg == sft.cfg and model.num_params() == sft.num_params()
+
+
+def test_lora_with_the_adapters_off_reference_runs(common, tmp_path):
+    s = D.main(common + ["--out", str(tmp_path / "o"), "--lora-rank", "2", "--reference", "adapters-off",
+                         "--steps", "3", "--n-test", "0"])
+    assert s["finished"] and s["reference"] == "adapters-off" and s["trainable_params"] < s["total_params"]
+    assert s["val_before"]["val_margin"] == pytest.approx(0.0, abs=1e-6)  # LoRA's B = 0: the policy is the base
+    model, _ = load_pretrained(s["model"])  # merged into plain weights
+    assert type(model.lm_head).__name__ == "Linear"
+
+
+def test_beta_zero_is_a_usage_error_naming_the_flag(capsys):
+    code, _, err = run_cli(["--smoke", "--beta", "0"], capsys)
+    assert code == 2 and "--beta" in err
+
+
+def test_reference_adapters_off_needs_lora(capsys):
+    code, _, err = run_cli(["--smoke", "--reference", "adapters-off"], capsys)
+    assert code == 2 and "--lora-rank" in err
+
+
+def test_a_malformed_train_file_is_named_by_file_and_line(common, tmp_path, capsys):
+    bad = tmp_path / "prefs.jsonl"
+    write_preferences(bad, [{"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."}] * 3)
+    with open(bad, "a", encoding="utf-8") as fh:
+        fh.write('{"prompt": "Say hi.", "chosen": "Hi!"}\n')
+    code, _, err = run_cli(common + ["--out", str(tmp_path / "o"), "--train-file", str(bad)], capsys)
+    assert code != 0 and f"{bad}:4" in err and "rejected" in err
+
+
+def test_the_users_own_preference_file_trains(common, tmp_path):
+    good = tmp_path / "prefs.jsonl"
+    write_preferences(good, [{"prompt": f"What is {i} plus {i}?", "chosen": f"{2 * i}.",
+                              "rejected": "I am not able to help with arithmetic."} for i in range(10)])
+    s = D.main(common + ["--out", str(tmp_path / "o"), "--train-file", str(good), "--n-val", "3", "--steps", "2",
+                         "--n-test", "0"])
+    assert s["finished"] and s["n_train"] == 7 and s["n_val"] == 3
