@@ -38,7 +38,7 @@ from typing import Callable, Iterable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from minilife.align.logprobs import masked_mean, masked_sum, model_logprobs
+from minilife.align.logprobs import masked_mean, masked_sum, model_logprobs, scored_mask
 
 LOSS_TYPES = ("sigmoid", "conservative", "robust", "hinge", "ipo", "simpo")
 
@@ -60,11 +60,8 @@ def model_sequence_logprobs(model, input_ids: torch.Tensor, padding_mask: torch.
     """log pi(response | prompt) for each row of ``input_ids`` (B, T) -> (B,), from one forward pass.
     ``padding_mask`` / ``response_mask`` (B, T) bool as in ``logprobs.model_logprobs``: a token counts if
     it is in the response, real, and follows a real token."""
-    real = torch.ones_like(input_ids, dtype=torch.bool) if padding_mask is None else padding_mask  # (B, T)
-    scored = (real if response_mask is None else response_mask & real)[:, 1:] & real[:, :-1]  # (B, T-1)
-    scored = F.pad(scored, (1, 0), value=False)  # (B, T): column 0 has no predecessor
     token_logps = model_logprobs(model, input_ids, padding_mask, response_mask)  # (B, T)
-    return sequence_logprobs(token_logps, scored, average)
+    return sequence_logprobs(token_logps, scored_mask(input_ids, padding_mask, response_mask), average)
 
 
 class DPOOutput(NamedTuple):

@@ -65,12 +65,20 @@ def model_logprobs(model, input_ids: torch.Tensor, padding_mask: torch.Tensor | 
     position t - 1 predict token t: the shift by one happens here. Returns logprobs (B, T) aligned
     with input_ids, exactly 0 where not scored, and with ``with_entropy`` also the entropy (B, T) of
     the distribution each scored token was drawn from."""
-    real = torch.ones_like(input_ids, dtype=torch.bool) if padding_mask is None else padding_mask  # (B, T)
-    scored = (real if response_mask is None else response_mask & real)[:, 1:] & real[:, :-1]  # (B, T-1)
+    scored = scored_mask(input_ids, padding_mask, response_mask)[:, 1:]  # (B, T-1)
     logits, _ = model(input_ids, padding_mask=padding_mask)  # (B, T, V)
     logits = logits[:, :-1]  # (B, T-1, V): position t - 1 predicts input_ids[:, t]
     logprobs = F.pad(token_logprobs(logits, input_ids[:, 1:], scored), (1, 0))  # (B, T-1) -> (B, T), column 0: 0
     return (logprobs, F.pad(token_entropy(logits, scored), (1, 0))) if with_entropy else logprobs
+
+
+def scored_mask(input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                response_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Which tokens of ``input_ids`` (B, T) ``model_logprobs`` scores -> bool (B, T): in the response
+    (default: every real token), real, and following a real token (so column 0 never is)."""
+    real = torch.ones_like(input_ids, dtype=torch.bool) if padding_mask is None else padding_mask  # (B, T)
+    scored = (real if response_mask is None else response_mask & real)[:, 1:] & real[:, :-1]  # (B, T-1)
+    return F.pad(scored, (1, 0), value=False)  # (B, T)
 
 
 def last_token_index(padding_mask: torch.Tensor) -> torch.Tensor:
