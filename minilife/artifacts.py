@@ -1,9 +1,10 @@
 """Artifacts a chapter, a notebook or a user's script needs from an earlier chapter: ensure, then load.
 
 What it implements
-- ``ensure_data`` / ``ensure_pretrained`` / ``ensure_sft``: the directory of chapter 2's tokenizer +
-  shards, a finished pretraining checkpoint, or chapter 3's fine-tuned chat model (``model.pt``: plain
-  GPT weights, LoRA merged, and the tokenizer with its chat tokens); when missing (or unfinished) they
+- ``ensure_data`` / ``ensure_pretrained`` / ``ensure_sft`` / ``ensure_reward``: the directory of chapter
+  2's tokenizer + shards, a finished pretraining checkpoint, chapter 3's fine-tuned chat model
+  (``model.pt``: plain GPT weights, LoRA merged, and the tokenizer with its chat tokens), or chapter 4's
+  reward model (``reward.pt``, read by ``align.reward.load_reward_model``); when missing (or unfinished) they
   run the chapter that makes it,
   as its own command (``python -m minilife.chapters.ch2_data ...``) and say so. The library never
   imports a chapter: it knows the command, not the chapter's code.
@@ -103,6 +104,20 @@ def ensure_sft(smoke: bool = False, run_dir: str | Path | None = None, args: lis
             raise RuntimeError(f"ch3_sft finished without {model_pt}: only full, lora and dora runs export plain "
                                f"weights (adapters and prefixes cannot be merged)")
     return model_pt
+
+
+def ensure_reward(smoke: bool = False, run_dir: str | Path | None = None, args: list[str] | None = None) -> Path:
+    """Path of chapter 4's reward model (``<run_dir>/reward.pt``); runs ch4_reward (with ``args``) when it
+    is missing. ``align.reward.load_reward_model`` reads it."""
+    out = chapter_dir("ch4_reward", smoke, run_dir)
+    reward_pt = out / "reward.pt"
+    if not reward_pt.is_file():
+        print(f"[minilife] no reward model at {reward_pt}: training one with ch4_reward")
+        again = ["--resume"] if (out / "last.pt").is_file() else ["--overwrite"]  # finish a run cut short
+        run_chapter("ch4_reward", (["--smoke"] if smoke else []) + ["--out", str(out), *again, *(args or [])])
+        if not reward_pt.is_file():
+            raise RuntimeError(f"ch4_reward finished without {reward_pt}; run it yourself to see why")
+    return reward_pt
 
 
 def load_pretrained(path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:

@@ -43,7 +43,7 @@ from minilife.checkpoint import CheckpointError, config_diff, load_checkpoint, s
 from minilife.common import RunConfig, UsageError, cli_field, read_jsonl_lines, write_jsonl_atomic
 
 STEP_NAME = re.compile(r"^ckpt_step(\d+)\.pt$")
-RUN_FILES = ("ckpt_step*.pt", "last.pt", "model.pt", "metrics.jsonl", "summary.json", "*.png", "*.html", ".*.tmp-*")
+RUN_FILES = ("ckpt_step*.pt", "last.pt", "model.pt", "reward.pt", "metrics.jsonl", "summary.json", "*.png", "*.html", ".*.tmp-*")
 
 
 @dataclass

@@ -130,3 +130,29 @@ def test_ensure_sft_reuses_model_pt_else_runs_ch3_sft_resuming_a_cut_run(tmp_pat
     assert path == out / "model.pt"
     loaded, _ = A.load_pretrained(path)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_ensure_reward_reuses_reward_pt_else_runs_ch4_reward(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(chapter, args):  # records the command and leaves the file a finished run would
+        calls.append((chapter, args))
+        out_dir = Path(args[args.index("--out") + 1])
+        (out_dir / "reward.pt").write_bytes(b"trained")
+
+    monkeypatch.setattr(A, "run_chapter", fake_run)
+    out = tmp_path / "runs" / "ch4_reward-smoke"  # MINILIFE_RUNS is tmp_path / "runs" (tests/conftest.py)
+    assert A.ensure_reward(smoke=True, args=["--lr", "1e-4"]) == out / "reward.pt"
+    assert calls == [("ch4_reward", ["--smoke", "--out", str(out), "--overwrite", "--lr", "1e-4"])]
+    (out / "reward.pt").unlink()
+    (out / "last.pt").write_bytes(b"a run cut short")
+    assert A.ensure_reward(smoke=True) == out / "reward.pt"
+    assert calls[1] == ("ch4_reward", ["--smoke", "--out", str(out), "--resume"])  # finish it, do not wipe it
+    mine = tmp_path / "mine"
+    assert A.ensure_reward(run_dir=mine) == mine / "reward.pt"
+    assert calls[2] == ("ch4_reward", ["--out", str(mine), "--overwrite"])  # not --smoke
+    monkeypatch.setattr(A, "run_chapter", lambda *a: pytest.fail("must not train"))
+    assert A.ensure_reward(smoke=True) == out / "reward.pt"  # there: returned as is, nothing runs
+    monkeypatch.setattr(A, "run_chapter", lambda chapter, args: None)  # a run that wrote nothing
+    with pytest.raises(RuntimeError, match="without .*reward.pt"):
+        A.ensure_reward(run_dir=tmp_path / "empty")

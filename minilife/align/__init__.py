@@ -1,6 +1,7 @@
 """Alignment after pretraining: SFT, reward model, PPO, DPO. Shared here: masked per-token log-probs;
 the chat template (chat), SFT data and batches (sft), the template linter and mask viewer (template_lint),
-answering chat prompts (respond), preference pairs as batches (pairs); chapter 4's math: the reward model (reward), PPO (ppo), GRPO (grpo),
+answering chat prompts (respond), sampling and scoring RL rollouts (rollout), preference pairs as batches
+(pairs); chapter 4's math: the reward model (reward), PPO (ppo), GRPO (grpo),
 the DPO family (dpo) and the KL estimators (kl)."""
 from minilife.align.chat import (CHAT_TEMPLATE, ChatRendering, ChatTemplate, ChatTokenIds, add_chat_tokens,
                                  chat_token_ids, check_messages, message_errors, render_chat, render_prompt)
@@ -12,10 +13,12 @@ from minilife.align.logprobs import (last_token_index, masked_mean, masked_sum, 
                                      token_logprobs)
 from minilife.align.ppo import (AdaptiveKL, FixedKL, ValueHead, explained_variance, gae, kl_penalised_rewards,
                                 ppo_policy_loss, ppo_value_loss, whiten)
-from minilife.align.reward import RewardModel, bradley_terry_loss, check_same_tokenizer, preference_accuracy
+from minilife.align.reward import (RewardModel, bradley_terry_loss, check_same_tokenizer, end_at_response,
+                                   gold_agreement, load_reward_model, preference_accuracy, save_reward_model)
 from minilife.align.sft import (SFTBatch, SFTExample, collate, encode_conversation, encode_dataset, pack_batch,
                                 pad_batch, read_chat_jsonl, sft_eval_loss, sft_loss_sum, split_step, write_chat_jsonl)
 from minilife.align.respond import respond, score_answers
+from minilife.align.rollout import Rollout, rollout_logprobs, sample_rollouts
 from minilife.align.pairs import EncodedPair, PairBatch, collate_pairs, encode_pair, encode_pairs, pair_logprobs
 from minilife.align.template_lint import (lint_conversation, lint_rendering, looks_like_system_prompt, show_mask,
                                           token_name)
@@ -26,11 +29,13 @@ __all__ = [
     "sequence_logprobs", "group_advantages", "grpo_loss", "reinforce_baseline_advantages", "KL_KINDS",
     "estimator_stats", "exact_kl", "expected_loss_gradients", "kl_estimate", "AdaptiveKL", "FixedKL", "ValueHead",
     "explained_variance", "gae", "kl_penalised_rewards", "ppo_policy_loss", "ppo_value_loss", "whiten",
-    "RewardModel", "bradley_terry_loss", "check_same_tokenizer", "preference_accuracy",
+    "RewardModel", "bradley_terry_loss", "check_same_tokenizer", "preference_accuracy", "save_reward_model",
+    "load_reward_model", "end_at_response", "gold_agreement",
     "CHAT_TEMPLATE", "ChatRendering", "ChatTemplate", "ChatTokenIds", "add_chat_tokens", "chat_token_ids",
     "check_messages", "message_errors", "render_chat", "render_prompt",
     "SFTBatch", "SFTExample", "collate", "encode_conversation", "encode_dataset", "pack_batch", "pad_batch",
     "read_chat_jsonl", "sft_eval_loss", "sft_loss_sum", "split_step", "write_chat_jsonl", "respond", "score_answers",
     "lint_conversation", "lint_rendering", "looks_like_system_prompt", "show_mask", "token_name",
     "EncodedPair", "PairBatch", "collate_pairs", "encode_pair", "encode_pairs", "pair_logprobs",
+    "Rollout", "rollout_logprobs", "sample_rollouts",
 ]

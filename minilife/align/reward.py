@@ -17,6 +17,15 @@ What it implements
   rewards toward zero sum (reward centring, the auxiliary loss of Eisenstein et al. 2023). Also the
   pairwise accuracy: the share of pairs with r_chosen > r_rejected (a tie counts half).
 - ``check_same_tokenizer``: a reward model scores token ids, so it must share the policy's tokenizer.
+- ``end_at_response``: an encoded preference pair cut after each side's last response token (the
+  assistant's closing <|end|>), dropping the template's trailing newline, so the reward is read at the
+  token a sampled rollout (``align.rollout``) ends with: training and scoring read the same position.
+- ``gold_agreement``: how well rewards order answers the way a gold scorer does: the pairwise agreement
+  over pairs of answers to the same prompt whose gold scores differ (a reward tie counts half), and the
+  Spearman (ties: average ranks) and Pearson correlations over all answers.
+- ``save_reward_model`` / ``load_reward_model``: the portable reward-model file PPO and GRPO load
+  (``reward.pt``: trunk config, trunk + head weights with LoRA merged, the tokenizer, ``kind`` =
+  "reward_model", and free-form extras such as the reward's mean/std on SFT samples).
 
 What it leaves out: reward normalisation to mean 0 / std 1 on SFT samples (the PPO code can do it
 with two numbers), ensembles, per-token (process) rewards, and the training loop (the chapter).
@@ -24,17 +33,26 @@ with two numbers), ensembles, per-token (process) rewards, and the training loop
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
-from typing import NamedTuple
+import os
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from minilife.align.logprobs import last_token_index
+from minilife.align.pairs import EncodedPair
+from minilife.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from minilife.data.bpe import Tokenizer
+from minilife.model.transformer import GPT, ModelConfig
 
-__all__ = ["BTLoss", "RewardModel", "bradley_terry_loss", "check_same_tokenizer", "last_token_index",
-           "preference_accuracy"]
+__all__ = ["BTLoss", "REWARD_KIND", "RewardModel", "bradley_terry_loss", "check_same_tokenizer", "end_at_response",
+           "gold_agreement", "last_token_index", "load_reward_model", "preference_accuracy", "save_reward_model"]
+
+REWARD_KIND = "reward_model"  # extra["kind"] of a reward.pt
 
 
 class RewardModel(nn.Module):
@@ -122,6 +140,47 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin:
     return BTLoss(loss, preference_accuracy(r_chosen, r_rejected))
 
 
+def end_at_response(pair: EncodedPair) -> EncodedPair:
+    """``pair`` with each side's ids (T,) and response mask (T,) cut after its last response token."""
+    def cut(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = int(mask.nonzero().max()) + 1 if mask.any() else len(ids)  # one past the last response token
+        return ids[:end], mask[:end]
+    return EncodedPair(*cut(pair.chosen_ids, pair.chosen_mask), *cut(pair.rejected_ids, pair.rejected_mask),
+                       pair.truncated, pair.pair)
+
+
+def _average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """(N,) float64 -> (N,) ranks 0..N-1, tied values sharing the mean of their ranks."""
+    values, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)  # values sorted
+    first = torch.cumsum(counts, 0) - counts  # (U,) rank of each distinct value's first occurrence
+    return (first + (counts - 1) / 2).double()[inverse]
+
+
+def _pearson(x: torch.Tensor, y: torch.Tensor) -> float | None:
+    x, y = x - x.mean(), y - y.mean()
+    denom = (x.pow(2).sum() * y.pow(2).sum()).sqrt()
+    return float((x * y).sum() / denom) if denom > 0 else None  # a constant side has no correlation
+
+
+def gold_agreement(rewards: torch.Tensor, gold: torch.Tensor, groups: torch.Tensor) -> dict:
+    """rewards, gold (N,) float, groups (N,) long (the prompt each answer answers). Returns {"pairs": the
+    number of same-prompt pairs whose gold scores differ, "agreement": the share of them the rewards order
+    the same way (a reward tie counts half; None without pairs), "spearman", "pearson": over all N
+    answers (None when either side is constant)}. Computed in float64."""
+    r, g = rewards.detach().double().flatten().cpu(), gold.detach().double().flatten().cpu()  # (N,), (N,)
+    groups = groups.flatten().cpu()
+    if not r.numel() == g.numel() == groups.numel() or r.numel() == 0:
+        raise ValueError(f"gold_agreement: rewards, gold and groups must be non-empty and of one length (N,), got "
+                         f"{r.numel()}, {g.numel()}, {groups.numel()}")
+    same = groups[:, None] == groups[None, :]  # (N, N)
+    dg, dr = g[:, None] - g[None, :], r[:, None] - r[None, :]  # (N, N) gold and reward differences
+    counted = same & (dg > 0)  # each unordered pair once: i is gold-better than j
+    agree = (dr > 0).double() + 0.5 * (dr == 0).double()  # (N, N)
+    n = int(counted.sum())
+    return {"pairs": n, "agreement": float(agree[counted].mean()) if n else None,
+            "spearman": _pearson(_average_ranks(r), _average_ranks(g)), "pearson": _pearson(r, g)}
+
+
 def _tokenizer_state(tok, who: str) -> dict:
     state = tok.state() if hasattr(tok, "state") else tok
     if not isinstance(state, dict) or "vocab_size" not in state:
@@ -142,3 +201,49 @@ def check_same_tokenizer(reward_tokenizer, policy_tokenizer, names: tuple[str, s
     raise ValueError(f"the {names[0]} and the {names[1]} use different tokenizers ({names[0]}: vocab_size "
                      f"{a['vocab_size']}, {names[1]}: vocab_size {b['vocab_size']}; they differ in "
                      f"{', '.join(what)}); train the {names[0]} from a model with the {names[1]}'s tokenizer")
+
+
+def save_reward_model(path: str | os.PathLike, reward_model: RewardModel, tokenizer: Tokenizer, *,
+                      extra: Mapping[str, Any] | None = None) -> Path:
+    """Write ``reward_model`` atomically (``checkpoint.save_checkpoint``) as a portable file: config
+    {"model": the trunk's ModelConfig}, weights with any LoRA merged into plain Linears (so the loader
+    needs no PEFT code), extra = ``extra`` + {"tokenizer_state", "kind": "reward_model"}. Returns the path."""
+    from minilife.model.finetune import export_model  # model.finetune is heavier; only saving needs it
+    if not isinstance(reward_model, RewardModel):
+        raise TypeError(f"save_reward_model: need a RewardModel, got {type(reward_model).__name__}")
+    plain = export_model(reward_model.body)
+    if plain is None:
+        raise CheckpointError(f"{path}: the reward model's trunk holds adapters or prefixes, which cannot be merged "
+                              f"into plain weights; train it with full fine-tuning or LoRA")
+    to_save = reward_model
+    if plain is not reward_model.body:  # LoRA merged into a copy: pair the copy with the trained head
+        with torch.random.fork_rng(devices=[]):  # the head's throwaway init must not move the caller's RNG
+            to_save = RewardModel(plain)
+        to_save.head.load_state_dict(reward_model.head.state_dict())
+    body_cfg = dataclasses.asdict(reward_model.body.cfg)
+    return save_checkpoint(Path(path), model=to_save, step=0, config={"model": body_cfg},
+                           extra={**dict(extra or {}), "tokenizer_state": tokenizer.state(), "kind": REWARD_KIND})
+
+
+def load_reward_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[RewardModel, Tokenizer]:
+    """(reward model in eval mode with requires_grad False, tokenizer) from a ``save_reward_model`` file.
+    Its extras (e.g. ``reward_mean``, ``reward_std``) are in ``checkpoint.read_checkpoint(path)["extra"]``.
+    A file of another kind (e.g. a plain GPT ``model.pt``) is a CheckpointError naming it."""
+    state = read_checkpoint(path)
+    kind = state["extra"].get("kind")
+    if kind != REWARD_KIND or "model" not in state["config"] or "tokenizer_state" not in state["extra"]:
+        what = f"extra['kind'] is {kind!r}" if kind is not None else "it has no extra['kind']"
+        raise CheckpointError(f"{path}: not a reward model checkpoint ({what}, expected {REWARD_KIND!r}); a plain "
+                              f"GPT model.pt loads with artifacts.load_pretrained, a reward.pt comes from ch4_reward")
+    with torch.random.fork_rng(devices=[]):  # the throwaway random init must not move the caller's RNG
+        model = RewardModel(GPT(ModelConfig(**state["config"]["model"])))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the reward model config it carries: {str(e)[:400]}"
+                              ) from None
+    tokenizer = Tokenizer.from_state(state["extra"]["tokenizer_state"], source=f"{path} (tokenizer_state)")
+    if tokenizer.vocab_size != model.body.cfg.vocab_size:
+        raise CheckpointError(f"{path}: its tokenizer has vocab_size {tokenizer.vocab_size} but its model "
+                              f"vocab_size {model.body.cfg.vocab_size}")
+    return model.to(device).eval().requires_grad_(False), tokenizer

@@ -192,3 +192,99 @@ def test_same_tokenizer_passes_and_different_ones_are_named():
         check_same_tokenizer(a, _tok(b"ba"))
     with pytest.raises(TypeError, match="policy must be a Tokenizer"):
         check_same_tokenizer(a, 42)
+
+
+# --------------------------------------------------------------------------------- reward.pt
+
+def test_save_and_load_reward_model_round_trip(tmp_path):
+    from minilife.align.reward import load_reward_model, save_reward_model
+    from minilife.checkpoint import read_checkpoint
+    torch.manual_seed(0)
+    rm = RewardModel.from_gpt(GPT(ModelConfig.preset("micro", vocab_size=257))).eval()
+    with torch.no_grad():
+        rm.head.bias.fill_(0.25)  # a trained head, not the init
+    tok, idx = _tok(b"ab"), torch.randint(0, 257, (3, 7))
+    path = save_reward_model(tmp_path / "reward.pt", rm, tok, extra={"reward_mean": 0.5, "reward_std": 2.0})
+    state = torch.get_rng_state()
+    loaded, ltok = load_reward_model(path)
+    assert torch.equal(torch.get_rng_state(), state)  # the throwaway init leaves the caller's RNG alone
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    assert ltok.state() == tok.state()
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), rm(idx))
+    extra = read_checkpoint(path)["extra"]
+    assert extra["kind"] == "reward_model" and (extra["reward_mean"], extra["reward_std"]) == (0.5, 2.0)
+
+
+def test_a_lora_reward_model_saves_merged_and_loads_as_plain(tmp_path):
+    from minilife.align.reward import load_reward_model, save_reward_model
+    from minilife.model.finetune import apply_method
+    torch.manual_seed(0)
+    rm = RewardModel.from_gpt(GPT(ModelConfig.preset("micro", vocab_size=257))).eval()
+    apply_method(rm.body, "lora", rank=2, alpha=4.0)
+    with torch.no_grad():  # LoRA's B starts at 0: move it so the merge matters
+        for name, p in rm.body.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    idx = torch.randint(0, 257, (2, 9))
+    loaded, _ = load_reward_model(save_reward_model(tmp_path / "r.pt", rm, _tok(b"ab")))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx), rm(idx), rtol=1e-5, atol=1e-5)
+    assert type(loaded.body.blocks[0].attn.qkv).__name__ == "Linear"
+
+
+def test_loading_a_plain_gpt_as_a_reward_model_names_the_file(tmp_path):
+    import dataclasses
+    from minilife.align.reward import load_reward_model
+    from minilife.checkpoint import CheckpointError, save_checkpoint
+    gpt = GPT(ModelConfig.preset("micro", vocab_size=257))
+    path = save_checkpoint(tmp_path / "model.pt", model=gpt, step=1, config={"model": dataclasses.asdict(gpt.cfg)},
+                           extra={"tokenizer_state": _tok(b"ab").state()})
+    with pytest.raises(CheckpointError, match=r"model\.pt: not a reward model checkpoint.*load_pretrained"):
+        load_reward_model(path)
+
+
+# --------------------------------------------------------------------------------- agreement with gold
+
+def _ranks(xs):
+    """Average ranks by hand (0-based): each value's rank is the mean position of its equals in sorted order."""
+    order = sorted(xs)
+    return [sum(i for i, v in enumerate(order) if v == x) / order.count(x) for x in xs]
+
+
+def _corr(xs, ys):
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    cov = sum((a - mx) * (b - my) for a, b in zip(xs, ys))
+    return cov / math.sqrt(sum((a - mx) ** 2 for a in xs) * sum((b - my) ** 2 for b in ys))
+
+
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 12), k=st.integers(1, 4))
+def test_gold_agreement_matches_a_loop_over_pairs(seed, n, k):
+    from minilife.align.reward import gold_agreement
+    g = torch.Generator().manual_seed(seed)
+    rewards = torch.randint(0, 4, (n,), generator=g).float()  # few values: reward ties happen
+    gold = torch.randint(0, 3, (n,), generator=g).double() / 2
+    groups = torch.randint(0, k, (n,), generator=g)
+    out = gold_agreement(rewards, gold, groups)
+    r, gd, gr = rewards.tolist(), gold.tolist(), groups.tolist()
+    scores = [1.0 if (r[i] - r[j]) * (gd[i] - gd[j]) > 0 else 0.5 if r[i] == r[j] else 0.0
+              for i in range(n) for j in range(i + 1, n) if gr[i] == gr[j] and gd[i] != gd[j]]
+    assert out["pairs"] == len(scores)
+    assert out["agreement"] == (pytest.approx(sum(scores) / len(scores)) if scores else None)
+    if len(set(r)) > 1 and len(set(gd)) > 1:
+        assert out["spearman"] == pytest.approx(_corr(_ranks(r), _ranks(gd)), abs=1e-12)
+        assert out["pearson"] == pytest.approx(_corr(r, gd), abs=1e-12)
+    else:
+        assert out["spearman"] is None and out["pearson"] is None
+
+
+def test_gold_agreement_special_values():
+    from minilife.align.reward import gold_agreement
+    gold, groups = torch.tensor([0.0, 0.5, 1.0, 0.2]), torch.tensor([0, 0, 0, 1])
+    same = gold_agreement(gold * 3 + 1, gold, groups)  # any increasing map of gold agrees fully
+    assert same["pairs"] == 3 and same["agreement"] == 1.0 and same["spearman"] == pytest.approx(1.0)
+    flipped = gold_agreement(-gold, gold, groups)
+    assert flipped["agreement"] == 0.0 and flipped["spearman"] == pytest.approx(-1.0)
+    assert gold_agreement(torch.zeros(4), gold, groups)["agreement"] == 0.5  # a constant reward: chance
+    with pytest.raises(ValueError, match="one length"):
+        gold_agreement(torch.zeros(3), gold, groups)
