@@ -1,7 +1,8 @@
 """Alignment after pretraining: SFT, reward model, PPO, DPO. Shared here: masked per-token log-probs;
 the chat template (chat), SFT data and batches (sft), the template linter and mask viewer (template_lint),
 answering chat prompts (respond), sampling and scoring RL rollouts (rollout), preference pairs as batches
-(pairs); chapter 4's math: the reward model (reward), PPO (ppo), GRPO (grpo),
+(pairs), feedback from written principles (constitution, principle_rules), win rates and sampled KL
+(evaluate); chapter 4's math: the reward model (reward), PPO (ppo), GRPO (grpo),
 the DPO family (dpo) and the KL estimators (kl)."""
 from minilife.align.chat import (CHAT_TEMPLATE, ChatRendering, ChatTemplate, ChatTokenIds, add_chat_tokens,
                                  chat_token_ids, check_messages, message_errors, render_chat, render_prompt)
@@ -20,6 +21,10 @@ from minilife.align.sft import (SFTBatch, SFTExample, collate, encode_conversati
 from minilife.align.respond import respond, score_answers
 from minilife.align.rollout import Rollout, rollout_logprobs, sample_rollouts
 from minilife.align.pairs import EncodedPair, PairBatch, collate_pairs, encode_pair, encode_pairs, pair_logprobs
+from minilife.align.principle_rules import RULES, request_kind
+from minilife.align.constitution import (DEFAULT_PRINCIPLES, Critic, Critique, Principle, RuleCritic, load_principles,
+                                         principle_pairs, principle_report, sampled_principle_pairs)
+from minilife.align.evaluate import label_agreement, policy_kl, sampled_kl, win_rate
 from minilife.align.template_lint import (lint_conversation, lint_rendering, looks_like_system_prompt, show_mask,
                                           token_name)
 
@@ -38,4 +43,7 @@ __all__ = [
     "lint_conversation", "lint_rendering", "looks_like_system_prompt", "show_mask", "token_name",
     "EncodedPair", "PairBatch", "collate_pairs", "encode_pair", "encode_pairs", "pair_logprobs",
     "Rollout", "rollout_logprobs", "sample_rollouts",
+    "RULES", "request_kind", "DEFAULT_PRINCIPLES", "Critic", "Critique", "Principle", "RuleCritic", "load_principles",
+    "principle_pairs", "principle_report", "sampled_principle_pairs", "label_agreement", "policy_kl", "sampled_kl",
+    "win_rate",
 ]

@@ -1,43 +1,42 @@
 """Chapter 4: direct preference optimisation of chapter 3's chat model, loop written out.
 
-    python -m minilife.chapters.ch4_dpo          # ~75 s on 2 cores once ch3_sft's model exists (--smoke: ~10 s)
+    python -m minilife.chapters.ch4_dpo                    # ~75 s on 2 cores once ch3_sft's model exists
+    python -m minilife.chapters.ch4_dpo --pairs principles # AI feedback in place of the reviews (~3 min)
 
-prints the preference data (pairs kept / truncated / dropped at the context), the reference
-log-probs computed once for the train and val pairs, the DPO loop with its metrics every
-``--eval-every`` steps (loss, implicit-reward margin and accuracy on the batch and on held-out val
-pairs, the drift mean(log pi - log pi_ref) on the chosen answers), then a before/after table: val
-preference accuracy and margin of the SFT model and of the DPO model, and the gold scorer's win rate
-of the DPO model's greedy answers against the SFT model's on the test prompts (ties reported apart).
-Writes metrics.jsonl, dpo_loss.png, dpo_val.png, summary.json, and ``model.pt`` (plain GPT weights,
-LoRA merged, with the chat tokenizer) to runs/ch4_dpo/.
+prints the pairs (kept / truncated / dropped at the context), the reference log-probs computed once, the
+loop's metrics every ``--eval-every`` steps (loss, implicit-reward margin and accuracy on the batch and on
+held-out val pairs, the drift mean(log pi - log pi_ref) on the chosen answers), a before/after table, the
+gold scorer's win/tie/loss count of the DPO model's greedy test answers against the SFT model's, and
+KL(pi_DPO || pi_SFT) on answers sampled from the DPO model. Writes metrics.jsonl, dpo_loss.png,
+dpo_val.png, summary.json and ``model.pt`` (plain GPT weights, LoRA merged, chat tokenizer) to runs/ch4_dpo/.
 
-The default run (800 pairs, 50 steps, beta 0.1, LR 1e-5) takes the held-out implicit-reward accuracy
-from 0 (policy = reference: every margin is 0) to ~93% with a mean margin of ~1.7, and the gold score
-of the greedy test answers from 0.347 to 0.362: 4 wins, 94 ties, 2 losses against the SFT model. The
-SFT model already prefers the chosen answer by raw log-prob on 96% of the val pairs (the rejected
-ones are long and stiff), so there is little left for DPO to fix. At LR 1e-4 the margins soar (~7.5)
-while the gold score falls to 0.21 (31 losses, e.g. refusing benign questions): margins on
-off-policy pairs are not the goal.
+Default run (800 world pairs, 50 steps, beta 0.1, LR 1e-5): val accuracy 0 -> 93% (margin 1.68), gold
+0.347 -> 0.362 (4 wins, 94 ties, 2 losses), KL to SFT 0.14 +- 0.04 nats. The SFT model already prefers the
+chosen answer by raw log-prob on 96% of the val pairs (the rejected ones are long and stiff): little is
+left to fix; at LR 1e-4 the margins soar and the gold score falls to 0.21 (31 losses). ``ch4_dpo_sweep``
+shows beta's KL/reward trade. ``--pairs principles``: of 2400 answers sampled from the SFT model (3 per
+train prompt) 1376 break a principle and 652 are revised into pairs (mostly a reply's greeting and
+sign-off set to the e-mail's people, extra bullets dropped, JSON repaired, the refusal form); the gold
+scorer prefers the revision in 87% of them (ties 13%, the original never). DPO on them (41 steps): gold
+0.347 -> 0.342 (1 win, 97 ties, 2 losses), KL 0.59 +- 0.12, val accuracy 49% (margin -0.03): the model's
+own faults are not the reviews' stiff or padded answers, and the commonest, a made-up date (1111
+answers), no rule can fix. At LR 5e-5 they do harm (``ch4_dpo_sweep``: many revisions are cuts of
+the original, so DPO learns to stop early).
 
 What it implements (read ``main`` top to bottom; it is the loop)
-- policy: chapter 3's exported chat model (``--sft``; default ``artifacts.ensure_sft``, trained if
-  missing). Full fine-tuning, or LoRA with ``--lora-rank R``. Reference: a frozen copy of the SFT
-  model (``--reference copy``), or with LoRA the policy itself under ``adapters_disabled``
-  (``--reference adapters-off``: no second copy of the weights in memory).
-- data: the world's performance reviews (``data.preferences.make_preference_set``: train/val/test) or
-  the user's preference JSONL (``--train-file``; val pairs are then held out of it), encoded with the
-  chat template by ``align.pairs`` (response = the assistant tokens and their <|end|>).
-- the reference's sequence log-probs for every train and val pair, computed once before training
-  (``align.dpo.cached_reference_logprobs``) and indexed by pair position every step.
-- the step: a batch of pairs (a seeded permutation per epoch, so a resumed run sees the same batches),
-  one forward pass over the 2B chosen+rejected rows, ``dpo_loss`` (Rafailov et al. 2023, eq. 7, or
-  a member of its family: ``--loss-type``), backward, clipping, AdamW with warmup + cosine.
-  Dropout is kept off (eval mode) so the policy's log-probs are comparable with the cached reference's.
-- after: val before/after, the win rate under ``data.preferences.gold_score``, plots, the export.
+- policy: chapter 3's chat model (``--sft``; default ``artifacts.ensure_sft``), fully fine-tuned or with
+  LoRA (``--lora-rank``); reference: a frozen copy, or the LoRA policy with its adapters off.
+- pairs: the world's reviews (``data.preferences``), the user's JSONL (``--train-file``, val held out of
+  it), or AI feedback (``--pairs principles``: the SFT model's sampled answers to the train prompts,
+  critiqued against ``data/principles.md`` and revised by rule, ``align.constitution``); val and test stay
+  the world's. The reference's log-probs are computed once (``align.dpo.cached_reference_logprobs``).
+- the step: a seeded batch of pairs, one forward pass over the 2B chosen+rejected rows, ``dpo_loss``
+  (Rafailov et al. 2023, eq. 7, or its family: ``--loss-type``), backward, clipping, AdamW with warmup +
+  cosine; dropout off, so the policy's log-probs compare with the cached reference's.
+- after: ``align.evaluate.win_rate`` under ``data.preferences.gold_score``, ``policy_kl``, plots, export.
 
-What it leaves out: a beta sweep (run the command with several ``--beta``), on-policy pairs
-(iterative DPO), the Constitutional-AI pairs, an SFT term on the chosen answers, sampling-based
-evaluation, and distributed training.
+What it leaves out: on-policy rounds (iterative DPO), model-written critiques, an SFT term on the chosen
+answers, and distributed training.
 """
 from __future__ import annotations
 
@@ -52,14 +51,16 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
+from minilife.align.constitution import RuleCritic, load_principles, principle_report, sampled_principle_pairs
 from minilife.align.dpo import LOSS_TYPES, cached_reference_logprobs, dpo_loss
+from minilife.align.evaluate import label_agreement, policy_kl, win_rate
 from minilife.align.pairs import collate_pairs, encode_pairs, pair_logprobs
 from minilife.align.respond import respond
 from minilife.artifacts import ensure_sft, load_pretrained
 from minilife.checkpoint import check_finite, save_checkpoint
 from minilife.common import (MetricsLogger, UsageError, check_flags, cli_field, config_from_args, fmt_count,
                              markdown_table, read_jsonl, start_run, write_json_atomic)
-from minilife.data.preferences import gold_score, make_preference_set, read_preferences, write_preferences
+from minilife.data.preferences import gold_score, preference_splits, read_preferences, write_preferences
 from minilife.model.finetune import apply_method, export_model, optimizer_groups, trainable_parameters
 from minilife.model.peft import adapters_disabled
 from minilife.optim.adamw import AdamW
@@ -70,8 +71,10 @@ from minilife.runs import InterruptGuard, ResumableConfig, cli, interrupted, pre
 
 CHAPTER = "ch4_dpo"
 NOT_THE_RUN = ("smoke", "out", "threads", "debug", "device", "resume", "overwrite", "allow_change", "plots",
-               "eval_every", "ckpt_every", "show", "eval_batch_size", "sft", "max_new_tokens", "n_test", "skip_bad")
+               "eval_every", "ckpt_every", "show", "eval_batch_size", "sft", "max_new_tokens", "n_test", "skip_bad",
+               "kl_samples")
 REFERENCES = ("copy", "adapters-off")
+PAIRS = ("world", "principles")
 
 
 @dataclass
@@ -83,6 +86,12 @@ class DPOConfig(ResumableConfig):
     train_file: Optional[str] = cli_field(None, "your own preference JSONL {prompt, chosen, rejected} (default: "
                                                 "the world's performance reviews)")
     skip_bad: bool = cli_field(False, "skip malformed lines of --train-file (counted) instead of stopping")
+    pairs: str = cli_field("world", "world (the reviews) | principles (the SFT model's answers, revised by rule)")
+    principles: Optional[str] = cli_field(None, "principles file for --pairs principles (default: data/principles.md)")
+    samples_per_prompt: int = cli_field(3, "--pairs principles: answers sampled per train prompt", smoke=2)
+    sample_temperature: float = cli_field(1.0, "temperature of the sampled answers (principles and KL)")
+    sample_tokens: int = cli_field(64, "length cap of the sampled answers (principles and KL)", smoke=24)
+    kl_samples: int = cli_field(2, "answers sampled per test prompt from the DPO model for KL(pi || pi_SFT)")
     n_train: int = cli_field(800, "world preference pairs to train on", smoke=48)
     n_val: int = cli_field(100, "held-out val pairs (accuracy and margin)", smoke=12)
     n_test: int = cli_field(100, "test prompts answered by SFT and DPO for the gold win rate", smoke=6)
@@ -113,9 +122,9 @@ class DPOConfig(ResumableConfig):
         super().__post_init__()
         check_flags(self, at_least=dict(n_train=1, n_val=1, n_test=0, steps=1, batch_size=1, weight_decay=0,
                                         grad_clip=0, lora_rank=0, eval_every=1, eval_batch_size=1, max_new_tokens=1,
-                                        ckpt_every=1, show=0),
-                    above=dict(beta=0, lr=0, epochs=0, lora_alpha=0),
-                    choices=dict(loss_type=LOSS_TYPES, reference=REFERENCES))
+                                        ckpt_every=1, show=0, samples_per_prompt=1, sample_tokens=1, kl_samples=0),
+                    above=dict(beta=0, lr=0, epochs=0, lora_alpha=0, sample_temperature=0),
+                    choices=dict(loss_type=LOSS_TYPES, reference=REFERENCES, pairs=PAIRS))
         if not math.isfinite(self.beta):
             raise ValueError(f"--beta must be a finite number > 0, got {self.beta}")
         if not (0 <= self.label_smoothing < 0.5 and 0 <= self.warmup_frac < 1):
@@ -125,27 +134,31 @@ class DPOConfig(ResumableConfig):
             raise ValueError("--reference adapters-off needs LoRA on the policy (--lora-rank R > 0)")
         if self.lora_alpha is None:
             self.lora_alpha = 2.0 * self.lora_rank
+        if self.pairs == "principles":
+            load_principles(self.principles)  # a missing or malformed file: a usage error naming file:line
 
 
-def load_pairs(cfg: DPOConfig, out: Path) -> dict[str, list]:
-    """{"train", "val", "test"} preference pairs: the world's (exported to the run dir) or the user's file
-    (its last n_val pairs held out as val; test is the world's, for the gold win rate)."""
-    world = make_preference_set(seed=cfg.seed, n_train=cfg.n_train if not cfg.train_file else 1, n_val=cfg.n_val,
-                                n_test=max(cfg.n_test, 1))
-    world["test"] = world["test"][:cfg.n_test]
-    if not cfg.train_file:
-        for split, pairs in world.items():
-            write_preferences(out / f"preferences_{split}.jsonl", pairs)
-        print(f"[{CHAPTER}] the world's performance reviews: " + ", ".join(f"{k} {len(v)}" for k, v in world.items())
-              + f" pairs (JSONL in {out}/preferences_*.jsonl)")
-        return world
-    pairs, skipped = read_preferences(cfg.train_file, skip_bad=cfg.skip_bad)
-    if len(pairs) < 2:
-        raise UsageError(f"--train-file {cfg.train_file}: {len(pairs)} pair; need 2 or more (train + val)")
-    n_val = min(cfg.n_val, len(pairs) // 2)
-    print(f"[{CHAPTER}] {cfg.train_file}: {len(pairs)} pairs ({skipped} bad lines skipped); "
-          f"last {n_val} held out as val")
-    return {"train": pairs[:-n_val], "val": pairs[-n_val:], "test": world["test"]}
+def principle_train_pairs(cfg: DPOConfig, out: Path, model, tokenizer, prompts: list) -> tuple[list, dict | None]:
+    """AI feedback: the SFT model's sampled answers to the train prompts, critiqued against the principles and
+    revised by rule (``align.constitution``). Saved to the run dir; a resumed run reads them back."""
+    path = out / "preferences_principles.jsonl"
+    if cfg.resume and path.is_file():
+        return read_preferences(path)[0], None
+    t0, critic = time.perf_counter(), RuleCritic(load_principles(cfg.principles))
+    made, counts = sampled_principle_pairs(model, tokenizer, prompts, critic, samples_per_prompt=cfg.samples_per_prompt,
+                                           temperature=cfg.sample_temperature, max_new_tokens=cfg.sample_tokens,
+                                           batch_size=cfg.eval_batch_size,
+                                           generator=torch.Generator().manual_seed(cfg.seed))
+    print(f"[{CHAPTER}] principles ({time.perf_counter() - t0:.0f}s): the SFT model's sampled answers to "
+          f"{len(prompts)} train prompts, {principle_report(counts)}")
+    if not made:
+        raise RuntimeError("--pairs principles: no sampled answer broke a principle that a rule could fix")
+    counts["gold_agreement"] = agree = label_agreement(made)  # the gold scorer's verdict on the new labels
+    write_preferences(path, made)
+    if agree["n"]:
+        print(f"[{CHAPTER}] the gold scorer prefers the revision in {agree['agree_rate']:.0%} of the pairs, ties "
+              f"{agree['tie_rate']:.0%}, prefers the original {agree['disagree'] / agree['n']:.0%} (noisy labels)")
+    return made, counts
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -168,14 +181,22 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[{CHAPTER}] policy {sft_path} ({described}: {fmt_count(trainable)} of {fmt_count(total)} parameters "
           f"train); reference: {'a frozen copy' if reference is not None else 'the policy with adapters off'}")
 
-    def ref_scores(batch):  # (chosen (b,), rejected (b,)) sequence log-probs under the reference
+    def sft_model(tokens, padding_mask=None):  # the reference's forward: the frozen copy, or adapters off
         if reference is not None:
-            return pair_logprobs(reference, batch.to(device), average=cfg.average_logprobs)
+            return reference(tokens, padding_mask=padding_mask)
         with adapters_disabled(model):
-            return pair_logprobs(model, batch.to(device), average=cfg.average_logprobs)
+            return model(tokens, padding_mask=padding_mask)
 
-    # 2. the pairs, encoded with the chat template (responses cut away entirely are dropped, counted)
-    pairs = load_pairs(cfg, out)
+    def ref_scores(batch):  # (chosen (b,), rejected (b,)) sequence log-probs under the reference
+        return pair_logprobs(sft_model, batch.to(device), average=cfg.average_logprobs)
+
+    # 2. the pairs (the world's, the user's, or AI feedback from principles), encoded with the chat template
+    pairs = preference_splits(seed=cfg.seed, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test,
+                              train_file=cfg.train_file, skip_bad=cfg.skip_bad, export_dir=out,
+                              log=lambda m: print(f"[{CHAPTER}] {m}"))
+    built = None
+    if cfg.pairs == "principles":  # before any training: the SFT model's own answers, critiqued and revised
+        pairs["train"], built = principle_train_pairs(cfg, out, model, tokenizer, pairs["train"])
     encoded = {}
     for split in ("train", "val"):
         try:
@@ -292,22 +313,26 @@ def main(argv: list[str] | None = None) -> dict:
     after = val_metrics()
     dpo_answers = respond(model, tokenizer, conversations, cfg.max_new_tokens, batch_size=eb) if test else []
     examples = [p.example() for p in test]
-    gold_sft = [gold_score(e, a) for e, a in zip(examples, sft_answers)]
-    gold_dpo = [gold_score(e, a) for e, a in zip(examples, dpo_answers)]
-    wins = sum(d > s for d, s in zip(gold_dpo, gold_sft))
-    ties = sum(d == s for d, s in zip(gold_dpo, gold_sft))
-    n = len(test)
-    win = {"win_rate": wins / n if n else None, "tie_rate": ties / n if n else None,
-           "loss_rate": (n - wins - ties) / n if n else None,
-           "gold_sft": sum(gold_sft) / n if n else None, "gold_dpo": sum(gold_dpo) / n if n else None, "n_test": n}
+    w = win_rate([gold_score(e, a) for e, a in zip(examples, dpo_answers)],
+                 [gold_score(e, a) for e, a in zip(examples, sft_answers)])
+    win = {**{k: w[k] for k in ("win_rate", "tie_rate", "loss_rate", "wins", "ties", "losses")},
+           "gold_sft": w["mean_old"], "gold_dpo": w["mean_new"], "n_test": w["n"]}
+    kl = {"kl": None, "kl_se": None, "n": 0}  # KL(pi_DPO || pi_SFT) on answers sampled from the DPO model
+    if test and cfg.kl_samples:
+        kl = policy_kl(model, sft_model, tokenizer, conversations, cfg.sample_tokens, samples_per_prompt=cfg.kl_samples,
+                       temperature=cfg.sample_temperature, batch_size=eb,
+                       generator=torch.Generator().manual_seed(cfg.seed + 1))
     table = [{"model": "SFT (before)", "val_acc": before["val_accuracy"], "val_margin": before["val_margin"],
               "val_logp_acc": before["val_logp_accuracy"], "gold": win["gold_sft"]},
              {"model": "DPO (after)", "val_acc": after["val_accuracy"], "val_margin": after["val_margin"],
               "val_logp_acc": after["val_logp_accuracy"], "gold": win["gold_dpo"]}]
     print(markdown_table(table, ["model", "val_acc", "val_margin", "val_logp_acc", "gold"], digits=3))
-    if n:
-        print(f"[{CHAPTER}] gold win rate of DPO vs SFT on {n} test prompts: {wins} wins, {ties} ties, "
-              f"{n - wins - ties} losses -> win rate {win['win_rate']:.1%} (ties {win['tie_rate']:.1%})")
+    if kl["kl"] is not None:
+        print(f"[{CHAPTER}] KL(pi_DPO || pi_SFT) on {kl['n']} sampled test answers: {kl['kl']:.3f} nats per answer"
+              + (f" (+- {kl['kl_se']:.3f} s.e.)" if kl["kl_se"] is not None else ""))
+    if test:
+        print(f"[{CHAPTER}] gold win rate of DPO vs SFT on {w['n']} test prompts: {w['wins']} wins, {w['ties']} ties, "
+              f"{w['losses']} losses -> win rate {w['win_rate']:.1%} (ties {w['tie_rate']:.1%})")
         for e, s, d in list(zip(examples, sft_answers, dpo_answers))[:cfg.show]:
             print(f"--- {e.task}: {e.messages[-2]['content'][:120]!r}\n    SFT: {s[:160]!r}\n    DPO: {d[:160]!r}")
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
@@ -329,12 +354,13 @@ def main(argv: list[str] | None = None) -> dict:
                         extra={"tokenizer_state": tokenizer.state(), "finished": True,
                                "method": f"DPO ({cfg.loss_type}, beta {cfg.beta:g}, {described})"})
     summary = {
-        "chapter": CHAPTER, "method": described, "loss_type": cfg.loss_type, "beta": cfg.beta,
+        "chapter": CHAPTER, "method": described, "pairs": cfg.pairs, "loss_type": cfg.loss_type, "beta": cfg.beta,
         "reference": cfg.reference, "sft_model": str(sft_path), "steps": done, "max_steps": max_steps,
         "finished": finished, "trainable_params": trainable, "total_params": total,
         "step_time_s": train_time / max(done - start_step, 1), "n_train": len(train), "n_val": len(val),
         "first_loss": rows[0]["loss"] if rows else None, "last_loss": rows[-1]["loss"] if rows else None,
-        "val_before": before, "val_after": after, **win,
+        "val_before": before, "val_after": after, **win, "kl_to_sft": kl["kl"], "kl_to_sft_se": kl["kl_se"],
+        "principle_pairs": built,
         "model": str(out / "model.pt") if exported is not None else None, "config": dataclasses.asdict(cfg),
     }
     write_json_atomic(out / "summary.json", summary)

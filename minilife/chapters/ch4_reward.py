@@ -65,7 +65,7 @@ from minilife.artifacts import ensure_sft, load_pretrained
 from minilife.checkpoint import check_finite
 from minilife.common import (MetricsLogger, UsageError, check_flags, cli_field, config_from_args, fmt_count,
                              markdown_table, read_jsonl, start_run, write_json_atomic)
-from minilife.data.preferences import KINDS, gold_score, make_preference_set, read_preferences, write_preferences
+from minilife.data.preferences import KINDS, gold_score, preference_splits
 from minilife.model.finetune import apply_method, optimizer_groups, trainable_parameters
 from minilife.optim.adamw import AdamW
 from minilife.optim.clip import clip_grad_norm
@@ -127,27 +127,6 @@ class RewardConfig(ResumableConfig):
             self.lora_alpha = 2.0 * self.lora_rank
 
 
-def load_pairs(cfg: RewardConfig, out: Path) -> dict[str, list]:
-    """{"train", "val", "test"} preference pairs: the world's (exported to the run dir) or the user's file
-    (its last n_val pairs held out as val; test is the world's, for the gold agreement)."""
-    world = make_preference_set(seed=cfg.seed, n_train=cfg.n_train if not cfg.train_file else 1, n_val=cfg.n_val,
-                                n_test=max(cfg.n_test, 1))
-    world["test"] = world["test"][:cfg.n_test]
-    if not cfg.train_file:
-        for split, pairs in world.items():
-            write_preferences(out / f"preferences_{split}.jsonl", pairs)
-        print(f"[{CHAPTER}] the world's performance reviews: " + ", ".join(f"{k} {len(v)}" for k, v in world.items())
-              + f" pairs (JSONL in {out}/preferences_*.jsonl)")
-        return world
-    pairs, skipped = read_preferences(cfg.train_file, skip_bad=cfg.skip_bad)
-    if len(pairs) < 2:
-        raise UsageError(f"--train-file {cfg.train_file}: {len(pairs)} pair; need 2 or more (train + val)")
-    n_val = min(cfg.n_val, len(pairs) // 2)
-    print(f"[{CHAPTER}] {cfg.train_file}: {len(pairs)} pairs ({skipped} bad lines skipped); "
-          f"last {n_val} held out as val")
-    return {"train": pairs[:-n_val], "val": pairs[-n_val:], "test": world["test"]}
-
-
 def main(argv: list[str] | None = None, hook: Callable[[int, RewardModel], None] | None = None) -> dict:
     cfg: RewardConfig = config_from_args(RewardConfig, argv, prog=f"python -m minilife.chapters.{CHAPTER}")
     out, device = start_run(CHAPTER, cfg)
@@ -172,7 +151,9 @@ def main(argv: list[str] | None = None, hook: Callable[[int, RewardModel], None]
           f"{fmt_count(total)} parameters train)")
 
     # 2. the pairs, encoded with the chat template and cut after each answer's closing <|end|>
-    pairs = load_pairs(cfg, out)
+    pairs = preference_splits(seed=cfg.seed, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test,
+                              train_file=cfg.train_file, skip_bad=cfg.skip_bad, export_dir=out,
+                              log=lambda m: print(f"[{CHAPTER}] {m}"))
     encoded = {"test": []}  # train and val are never empty; test is with --n-test 0
     for split in [k for k in ("train", "val", "test") if pairs[k]]:
         try:

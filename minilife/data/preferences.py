@@ -17,6 +17,8 @@ What it implements
   ``gold_score``, the one used least so far in its split (ties: compliance first, else a seeded draw).
   Compliance fits only the must-refuse prompts (1/7 of them), so it ends near 1/7 of the pairs and
   the other five near 6/35 each: as even as the tasks allow.
+- ``preference_splits``: what a chapter trains and evaluates on: the world's pairs, or the user's file
+  with val held out of it and the world's test prompts for the gold scorer.
 - ``pairs_from_ranking``: k answers ranked best-first -> the k(k-1)/2 (better, worse) pairs, as
   InstructGPT turns a labeller's ranking into comparisons (Ouyang et al. 2022, sec. 3.5; they train
   on all pairs of one prompt in one batch).
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from minilife.align.chat import check_messages
-from minilife.common import write_jsonl_atomic
+from minilife.common import UsageError, write_jsonl_atomic
 from minilife.data.company import Company
 from minilife.data.documents import ISSUES
 from minilife.data.checks import read_records
@@ -43,8 +45,8 @@ from minilife.data.shadowing import DEFAULT_SIZES, REFUSAL, Example, check, make
 from minilife.data.shadowing_checks import norm
 from minilife.data.world import WorldConfig
 
-__all__ = ["KINDS", "Preference", "gold_score", "make_preference_set", "pairs_from_ranking", "read_preferences",
-           "style_penalty", "write_preferences"]
+__all__ = ["KINDS", "Preference", "gold_score", "make_preference_set", "pairs_from_ranking", "preference_splits",
+           "read_preferences", "style_penalty", "write_preferences"]
 KINDS = ("robotic", "vague", "verbose", "wrong", "over_refusal", "compliance")
 STYLE_WEIGHTS = {"verbosity": 0.25, "boilerplate": 0.25}
 VERBOSE_RATIO = (1.5, 3.0)  # words / gold words: penalty starts, penalty full
@@ -261,3 +263,28 @@ def make_preference_set(company: Company | WorldConfig | None = None, *, seed: i
             pairs.append(Preference(ex.messages[:-1], chosen, fits[kind], ex.task, kind, ex.source, ex.gold))
         out[split] = pairs
     return out
+
+
+def preference_splits(*, seed: int, n_train: int, n_val: int, n_test: int, train_file: str | Path | None = None,
+                      skip_bad: bool = False, export_dir: str | Path | None = None,
+                      log=print) -> dict[str, list[Preference]]:
+    """{"train", "val", "test"} pairs for a chapter: the world's performance reviews (written to
+    ``export_dir``/preferences_<split>.jsonl when given), or the user's ``train_file`` with its last
+    min(n_val, half) pairs held out as val. Test is always the world's (first ``n_test``): it carries the
+    task and gold fields the gold scorer needs."""
+    world = make_preference_set(seed=seed, n_train=n_train if not train_file else 1, n_val=n_val,
+                                n_test=max(n_test, 1))
+    world["test"] = world["test"][:n_test]
+    if not train_file:
+        for split, pairs in world.items():
+            if export_dir is not None:
+                write_preferences(Path(export_dir) / f"preferences_{split}.jsonl", pairs)
+        log("the world's performance reviews: " + ", ".join(f"{k} {len(v)}" for k, v in world.items()) + " pairs"
+            + (f" (JSONL in {export_dir}/preferences_*.jsonl)" if export_dir is not None else ""))
+        return world
+    pairs, skipped = read_preferences(train_file, skip_bad=skip_bad)
+    if len(pairs) < 2:
+        raise UsageError(f"--train-file {train_file}: {len(pairs)} pair; need 2 or more (train + val)")
+    n_held = min(n_val, len(pairs) // 2)
+    log(f"{train_file}: {len(pairs)} pairs ({skipped} bad lines skipped); last {n_held} held out as val")
+    return {"train": pairs[:-n_held], "val": pairs[-n_held:], "test": world["test"]}

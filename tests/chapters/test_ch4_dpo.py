@@ -1,5 +1,7 @@
-"""ch4_dpo: a smoke run logs accuracy/margins, writes its summary and a loadable model.pt; LoRA with the
-adapters-off reference runs; --beta 0 is a usage error (exit 2); a malformed --train-file names file:line.
+"""ch4_dpo: a smoke run logs accuracy/margins, writes its summary (win rate, KL to SFT) and a loadable model.pt;
+LoRA with the adapters-off reference runs; --pairs principles trains on AI feedback and is judged on the same
+val pairs and test prompts; --beta 0 is a usage error (exit 2); a malformed --train-file or --principles file
+is named by file:line.
 
 The SFT model is made once per module by ch3_sft's main in-process (small sizes, from the session's smoke
 pretrained checkpoint) and passed with --sft, so nothing else is rebuilt.
@@ -14,7 +16,8 @@ from minilife.artifacts import load_pretrained
 from minilife.chapters import ch3_sft
 from minilife.chapters import ch4_dpo as D
 from minilife.common import read_jsonl
-from minilife.data.preferences import write_preferences
+from minilife.align.constitution import load_principles
+from minilife.data.preferences import read_preferences, write_preferences
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,9 +54,12 @@ def test_smoke_run_logs_accuracy_and_margins_and_writes_a_summary(smoke_run):
     out, s = smoke_run
     assert s["finished"] and s["steps"] == s["max_steps"] == 8 and s["reference"] == "copy"
     for key in ("win_rate", "tie_rate", "loss_rate", "gold_sft", "gold_dpo", "val_before", "val_after",
-                "first_loss", "last_loss", "step_time_s", "n_train", "n_val"):
+                "first_loss", "last_loss", "step_time_s", "n_train", "n_val", "kl_to_sft", "kl_to_sft_se"):
         assert key in s, key
     assert s["n_test"] == 4 and s["win_rate"] + s["tie_rate"] + s["loss_rate"] == pytest.approx(1.0)
+    assert s["wins"] + s["ties"] + s["losses"] == 4 and s["win_rate"] == s["wins"] / 4
+    assert s["pairs"] == "world" and s["principle_pairs"] is None
+    assert math.isfinite(s["kl_to_sft"]) and s["kl_to_sft_se"] >= 0  # 4 prompts x 2 samples
     assert s["val_before"]["val_margin"] == pytest.approx(0.0, abs=1e-6)  # policy = reference before
     assert s["val_before"]["val_loss"] == pytest.approx(math.log(2), abs=1e-5)  # DPO's loss at the reference
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
@@ -82,6 +88,31 @@ def test_lora_with_the_adapters_off_reference_runs(common, tmp_path):
     assert s["val_before"]["val_margin"] == pytest.approx(0.0, abs=1e-6)  # LoRA's B = 0: the policy is the base
     model, _ = load_pretrained(s["model"])  # merged into plain weights
     assert type(model.lm_head).__name__ == "Linear"
+
+
+def test_principles_pairs_train_and_are_judged_on_the_worlds_val_and_test(common, smoke_run, tmp_path):
+    out = tmp_path / "p"
+    s = D.main(common + ["--out", str(out), "--pairs", "principles", "--steps", "3"])
+    world = smoke_run[1]
+    assert s["finished"] and s["pairs"] == "principles" and s["steps"] == 3
+    built = s["principle_pairs"]
+    assert built["samples"] == 48 * 2 and 0 < s["n_train"] <= built["pairs"]  # smoke: 48 prompts x 2 samples
+    assert built["responses"] == built["clean"] + built["violating"]
+    assert built["pairs"] + built["not_revised"] + built["duplicates"] == built["violating"]
+    assert set(built["by_principle"]) == {p.name for p in load_principles()}
+    assert 0 <= built["gold_agreement"]["agree_rate"] <= 1
+    pairs, _ = read_preferences(out / "preferences_principles.jsonl")
+    assert len(pairs) == built["pairs"] and all(p.kind.startswith("principles:") for p in pairs)
+    assert s["val_before"] == world["val_before"] and s["n_val"] == world["n_val"]  # the same held-out pairs
+    assert s["gold_sft"] == world["gold_sft"] and s["n_test"] == world["n_test"]  # the same test prompts
+    assert math.isfinite(s["kl_to_sft"])
+
+
+def test_a_malformed_principles_file_is_a_usage_error_naming_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "principles.md"
+    bad.write_text("## be_kind\nBe kind.\nrule: be_kind\n", encoding="utf-8")
+    code, _, err = run_cli(["--smoke", "--pairs", "principles", "--principles", str(bad)], capsys)
+    assert code == 2 and f"{bad}:3" in err and "no_boilerplate" in err
 
 
 def test_beta_zero_is_a_usage_error_naming_the_flag(capsys):

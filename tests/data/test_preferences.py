@@ -167,3 +167,22 @@ def test_ranking_order_and_bad_input():
         pairs_from_ranking(["a"])
     with pytest.raises(ValueError, match="same answer twice"):
         pairs_from_ranking(["a", "b", "a "])
+
+
+def test_preference_splits_world_exports_and_user_file_holds_out_its_tail(tmp_path):
+    from minilife.data.preferences import preference_splits
+    logged = []
+    world = preference_splits(seed=3, n_train=20, n_val=5, n_test=4, export_dir=tmp_path, log=logged.append)
+    assert [len(world[s]) for s in ("train", "val", "test")] == [20, 5, 4]
+    assert [p.to_json() for p in read_preferences(tmp_path / "preferences_val.jsonl")[0]] == \
+        [p.to_json() for p in world["val"]]
+    user = [{"prompt": f"question {i}?", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(7)]
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in user))
+    got = preference_splits(seed=3, n_train=20, n_val=5, n_test=4, train_file=path, log=logged.append)
+    assert [p.chosen for p in got["train"]] == [f"yes {i}" for i in range(4)]  # val: min(5, 7 // 2) = 3 held out
+    assert [p.chosen for p in got["val"]] == [f"yes {i}" for i in range(4, 7)]
+    assert [p.to_json() for p in got["test"]] == [p.to_json() for p in world["test"]]  # gold fields for the scorer
+    path.write_text(json.dumps(user[0]) + "\n")
+    with pytest.raises(ValueError, match="mine.jsonl: 1 pair; need 2"):
+        preference_splits(seed=3, n_train=20, n_val=5, n_test=4, train_file=path)
