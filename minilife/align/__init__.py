@@ -1,8 +1,8 @@
 """Alignment after pretraining: SFT, reward model, PPO, DPO. Shared here: masked per-token log-probs;
 the chat template (chat), SFT data and batches (sft), the template linter and mask viewer (template_lint),
-answering chat prompts (respond), sampling and scoring RL rollouts (rollout), preference pairs as batches
-(pairs), feedback from written principles (constitution, principle_rules), win rates and sampled KL
-(evaluate); chapter 4's math: the reward model (reward), PPO (ppo), GRPO (grpo),
+answering chat prompts (respond), sampling and scoring RL rollouts (rollout), the RL policy with a value
+head and rollout rewards (policy), preference pairs as batches (pairs), feedback from written principles
+(constitution, principle_rules), win rates and sampled KL (evaluate); chapter 4's math: the reward model (reward), PPO (ppo), GRPO (grpo),
 the DPO family (dpo) and the KL estimators (kl)."""
 from minilife.align.chat import (CHAT_TEMPLATE, ChatRendering, ChatTemplate, ChatTokenIds, add_chat_tokens,
                                  chat_token_ids, check_messages, message_errors, render_chat, render_prompt)
@@ -20,6 +20,7 @@ from minilife.align.sft import (SFTBatch, SFTExample, collate, encode_conversati
                                 pad_batch, read_chat_jsonl, sft_eval_loss, sft_loss_sum, split_step, write_chat_jsonl)
 from minilife.align.respond import respond, score_answers
 from minilife.align.rollout import Rollout, rollout_logprobs, sample_rollouts
+from minilife.align.policy import PolicyOutputs, PolicyWithValue, policy_outputs, rollout_rewards
 from minilife.align.pairs import EncodedPair, PairBatch, collate_pairs, encode_pair, encode_pairs, pair_logprobs
 from minilife.align.principle_rules import RULES, request_kind
 from minilife.align.constitution import (DEFAULT_PRINCIPLES, Critic, Critique, Principle, RuleCritic, load_principles,
@@ -42,7 +43,8 @@ __all__ = [
     "read_chat_jsonl", "sft_eval_loss", "sft_loss_sum", "split_step", "write_chat_jsonl", "respond", "score_answers",
     "lint_conversation", "lint_rendering", "looks_like_system_prompt", "show_mask", "token_name",
     "EncodedPair", "PairBatch", "collate_pairs", "encode_pair", "encode_pairs", "pair_logprobs",
-    "Rollout", "rollout_logprobs", "sample_rollouts",
+    "Rollout", "rollout_logprobs", "sample_rollouts", "PolicyOutputs", "PolicyWithValue", "policy_outputs",
+    "rollout_rewards",
     "RULES", "request_kind", "DEFAULT_PRINCIPLES", "Critic", "Critique", "Principle", "RuleCritic", "load_principles",
     "principle_pairs", "principle_report", "sampled_principle_pairs", "label_agreement", "policy_kl", "sampled_kl",
     "win_rate",
