@@ -24,11 +24,13 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-# The lifecycle so far: the curriculum (chapter 2 data), pretraining on its shards, then the shadowing (SFT).
+# The lifecycle so far: the curriculum (chapter 2 data), pretraining on its shards, the shadowing (SFT),
+# then the performance review (DPO), ending with ch4_dpo's before/after table.
 demo: $(STAMP)
 	$(PY) -m minilife.chapters.ch2_data
 	$(PY) -m minilife.chapters.ch2_pretrain --overwrite
 	$(PY) -m minilife.chapters.ch3_sft --overwrite
+	$(PY) -m minilife.chapters.ch4_dpo --overwrite
 
 test: $(STAMP)
 	HYPOTHESIS_PROFILE=ci $(PY) -m pytest $(PYTEST_ARGS)

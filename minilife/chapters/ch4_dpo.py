@@ -132,7 +132,7 @@ class DPOConfig(ResumableConfig):
                              f"{self.label_smoothing}, {self.warmup_frac}")
         if self.reference == "adapters-off" and self.lora_rank == 0:
             raise ValueError("--reference adapters-off needs LoRA on the policy (--lora-rank R > 0)")
-        if self.lora_alpha is None:
+        if self.lora_alpha is None and self.lora_rank:  # stays None without LoRA: the config round-trips
             self.lora_alpha = 2.0 * self.lora_rank
         if self.pairs == "principles":
             load_principles(self.principles)  # a missing or malformed file: a usage error naming file:line

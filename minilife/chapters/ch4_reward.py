@@ -123,7 +123,7 @@ class RewardConfig(ResumableConfig):
                              f"{self.margin}, {self.center_coef}, {self.warmup_frac}")
         if self.freeze_trunk and self.lora_rank:
             raise ValueError("--freeze-trunk and --lora-rank contradict each other: freeze the trunk or adapt it")
-        if self.lora_alpha is None:
+        if self.lora_alpha is None and self.lora_rank:  # stays None without LoRA: the config round-trips
             self.lora_alpha = 2.0 * self.lora_rank
 
 
