@@ -2,8 +2,9 @@
 the chat template (chat), SFT data and batches (sft), the template linter and mask viewer (template_lint),
 answering chat prompts (respond), sampling and scoring RL rollouts (rollout), the RL policy with a value
 head and rollout rewards (policy), preference pairs as batches (pairs), feedback from written principles
-(constitution, principle_rules), win rates and sampled KL (evaluate); chapter 4's math: the reward model (reward), PPO (ppo), GRPO (grpo),
-the DPO family (dpo) and the KL estimators (kl)."""
+(constitution, principle_rules), win rates, sampled KL and the greedy before/after evaluation (evaluate);
+chapter 4's math: the reward model and its loading for RL (reward), PPO (ppo), GRPO (grpo), the DPO family
+(dpo) and the KL estimators (kl)."""
 from minilife.align.chat import (CHAT_TEMPLATE, ChatRendering, ChatTemplate, ChatTokenIds, add_chat_tokens,
                                  chat_token_ids, check_messages, message_errors, render_chat, render_prompt)
 from minilife.align.dpo import (LOSS_TYPES, DPOOutput, ReferenceLogprobs, cached_reference_logprobs, dpo_loss,
@@ -14,8 +15,9 @@ from minilife.align.logprobs import (last_token_index, masked_mean, masked_sum, 
                                      token_logprobs)
 from minilife.align.ppo import (AdaptiveKL, FixedKL, ValueHead, explained_variance, gae, kl_penalised_rewards,
                                 ppo_policy_loss, ppo_value_loss, whiten)
-from minilife.align.reward import (RewardModel, bradley_terry_loss, check_same_tokenizer, end_at_response,
-                                   gold_agreement, load_reward_model, preference_accuracy, save_reward_model)
+from minilife.align.reward import (PolicyReward, RewardModel, bradley_terry_loss, check_same_tokenizer,
+                                   end_at_response, gold_agreement, load_policy_reward, load_reward_model,
+                                   preference_accuracy, save_reward_model)
 from minilife.align.sft import (SFTBatch, SFTExample, collate, encode_conversation, encode_dataset, pack_batch,
                                 pad_batch, read_chat_jsonl, sft_eval_loss, sft_loss_sum, split_step, write_chat_jsonl)
 from minilife.align.respond import respond, score_answers
@@ -25,7 +27,7 @@ from minilife.align.pairs import EncodedPair, PairBatch, collate_pairs, encode_p
 from minilife.align.principle_rules import RULES, request_kind
 from minilife.align.constitution import (DEFAULT_PRINCIPLES, Critic, Critique, Principle, RuleCritic, load_principles,
                                          principle_pairs, principle_report, sampled_principle_pairs)
-from minilife.align.evaluate import label_agreement, policy_kl, sampled_kl, win_rate
+from minilife.align.evaluate import curve_ends, greedy_eval, label_agreement, policy_kl, sampled_kl, win_rate
 from minilife.align.template_lint import (lint_conversation, lint_rendering, looks_like_system_prompt, show_mask,
                                           token_name)
 
@@ -36,7 +38,7 @@ __all__ = [
     "estimator_stats", "exact_kl", "expected_loss_gradients", "kl_estimate", "AdaptiveKL", "FixedKL", "ValueHead",
     "explained_variance", "gae", "kl_penalised_rewards", "ppo_policy_loss", "ppo_value_loss", "whiten",
     "RewardModel", "bradley_terry_loss", "check_same_tokenizer", "preference_accuracy", "save_reward_model",
-    "load_reward_model", "end_at_response", "gold_agreement",
+    "load_reward_model", "end_at_response", "gold_agreement", "PolicyReward", "load_policy_reward",
     "CHAT_TEMPLATE", "ChatRendering", "ChatTemplate", "ChatTokenIds", "add_chat_tokens", "chat_token_ids",
     "check_messages", "message_errors", "render_chat", "render_prompt",
     "SFTBatch", "SFTExample", "collate", "encode_conversation", "encode_dataset", "pack_batch", "pad_batch",
@@ -47,5 +49,5 @@ __all__ = [
     "rollout_rewards",
     "RULES", "request_kind", "DEFAULT_PRINCIPLES", "Critic", "Critique", "Principle", "RuleCritic", "load_principles",
     "principle_pairs", "principle_report", "sampled_principle_pairs", "label_agreement", "policy_kl", "sampled_kl",
-    "win_rate",
+    "win_rate", "curve_ends", "greedy_eval",
 ]

@@ -13,6 +13,11 @@ What it implements
   estimate with its standard error.
 - ``label_agreement(pairs)``: how often the gold scorer ranks a pair's chosen answer above its rejected
   one (ties apart): the quality of a set of preference labels, e.g. AI feedback from principles.
+- ``greedy_eval(policy, tokenizer, examples, ...)``: the before/after evaluation of the RL chapters: the
+  greedy answer to each task example, its gold score (``data.preferences.gold_score``) and, given a
+  reward model, its normalised reward (``policy.rollout_rewards``) read on the very tokens generated.
+- ``curve_ends(rows, keys, window)``: a run's metrics.jsonl curve summarised by the means of its first
+  and last ``window`` rows (one iteration's value is noisy).
 
 What it leaves out: judges that are models (LLM-as-a-judge), length-controlled win rates, confidence
 intervals beyond the caller's own (``sampled_kl(..., per_row=True)`` gives the rows).
@@ -23,9 +28,11 @@ from typing import Sequence
 
 import torch
 
+from minilife.align.policy import rollout_rewards
+from minilife.align.respond import respond
 from minilife.align.rollout import Rollout, rollout_logprobs, sample_rollouts
 
-__all__ = ["label_agreement", "policy_kl", "sampled_kl", "win_rate"]
+__all__ = ["curve_ends", "greedy_eval", "label_agreement", "policy_kl", "sampled_kl", "win_rate"]
 
 
 def win_rate(new: Sequence[float], old: Sequence[float]) -> dict:
@@ -91,3 +98,37 @@ def label_agreement(pairs: Sequence) -> dict:
     n = len(scored)
     return {"agree": agree, "ties": ties, "disagree": n - agree - ties, "n": n,
             "agree_rate": agree / n if n else None, "tie_rate": ties / n if n else None}
+
+
+def greedy_eval(policy, tokenizer, examples: Sequence, max_new_tokens: int, *, batch_size: int = 32,
+                reward_model=None, reward_stats: tuple[float, float] = (0.0, 1.0)) -> dict:
+    """Greedy answers of ``policy`` to task examples (``data.shadowing.Example``, their last, assistant turn
+    removed): {"texts", "gold" (gold score per answer), "reward" (per answer, None without ``reward_model``)}.
+    Without a reward model the answers come from ``respond`` (prompts batched by length); with one, from
+    ``sample_rollouts`` at temperature 0, so that the reward model reads exactly the generated tokens:
+    (r - mean) / std with ``reward_stats`` = (mean, std)."""
+    from minilife.data.preferences import gold_score  # (data.preferences imports align: not at the top)
+
+    if not examples:
+        return {"texts": [], "gold": [], "reward": [] if reward_model is not None else None}
+    conversations, reward = [e.messages[:-1] for e in examples], None
+    if reward_model is None:
+        texts = respond(policy, tokenizer, conversations, max_new_tokens, batch_size=batch_size)
+    else:
+        rollout = sample_rollouts(policy, tokenizer, conversations, max_new_tokens, temperature=0.0,
+                                  batch_size=batch_size)
+        texts = rollout.texts
+        reward = rollout_rewards(reward_model, rollout, mean=reward_stats[0], std=reward_stats[1]).tolist()
+    return {"texts": texts, "gold": [gold_score(e, t) for e, t in zip(examples, texts)], "reward": reward}
+
+
+def curve_ends(rows: Sequence[dict], keys: Sequence[str], window: int = 1) -> dict:
+    """{"first": {key: mean over the first ``window`` rows}, "last": {... the last ``window`` rows}} of a
+    run's metric rows (e.g. ``read_jsonl(metrics.jsonl)``); {"first": None, "last": None} without rows."""
+    if window < 1:
+        raise ValueError(f"curve_ends: window must be >= 1, got {window}")
+    rows = list(rows)
+    if not rows:
+        return {"first": None, "last": None}
+    return {end: {k: sum(r[k] for r in part) / len(part) for k in keys}
+            for end, part in (("first", rows[:window]), ("last", rows[-window:]))}

@@ -26,9 +26,11 @@ What it implements
 - ``save_reward_model`` / ``load_reward_model``: the portable reward-model file PPO and GRPO load
   (``reward.pt``: trunk config, trunk + head weights with LoRA merged, the tokenizer, ``kind`` =
   "reward_model", and free-form extras such as the reward's mean/std on SFT samples).
+- ``load_policy_reward``: the reward model an RL chapter scores a policy with: loaded, its tokenizer
+  checked against the policy's, and the (mean, std) that normalise its score (``policy.rollout_rewards``):
+  reward.pt's ``reward_mean``/``reward_std``, else measured on answers sampled from the SFT model.
 
-What it leaves out: reward normalisation to mean 0 / std 1 on SFT samples (the PPO code can do it
-with two numbers), ensembles, per-token (process) rewards, and the training loop (the chapter).
+What it leaves out: ensembles, per-token (process) rewards, and the training loop (the chapter).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ import dataclasses
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -45,6 +47,7 @@ import torch.nn.functional as F
 
 from minilife.align.logprobs import last_token_index
 from minilife.align.pairs import EncodedPair
+from minilife.align.rollout import sample_rollouts
 from minilife.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from minilife.data.bpe import Tokenizer
 from minilife.model.transformer import GPT, ModelConfig
@@ -247,3 +250,33 @@ def load_reward_model(path: str | os.PathLike, device: str | torch.device = "cpu
         raise CheckpointError(f"{path}: its tokenizer has vocab_size {tokenizer.vocab_size} but its model "
                               f"vocab_size {model.body.cfg.vocab_size}")
     return model.to(device).eval().requires_grad_(False), tokenizer
+
+
+class PolicyReward(NamedTuple):
+    """``load_policy_reward``'s result: the frozen reward model, the (mean, std) of its score on SFT samples,
+    and where they came from ("reward.pt", or "measured on N SFT samples")."""
+    model: RewardModel
+    stats: tuple[float, float]
+    stats_from: str
+
+
+def load_policy_reward(path: str | os.PathLike, policy_tokenizer: Tokenizer, *, policy_name: str = "policy",
+                       device: str | torch.device = "cpu", sft: nn.Module | None = None, prompts: Sequence = (),
+                       max_new_tokens: int = 64, seed: int = 0) -> PolicyReward:
+    """The reward model of ``path`` for a policy that uses ``policy_tokenizer`` (a ValueError naming
+    ``path`` and ``policy_name`` if the tokenizers differ), with the statistics that normalise its score:
+    the file's extras ``reward_mean`` and ``reward_std`` when both are set (std > 0), else the mean and
+    (unbiased) std of its scores on one answer per conversation in ``prompts`` sampled from ``sft`` at
+    temperature 1 (seeded by ``seed``; std floored at 1e-6). Neither: a ValueError."""
+    model, reward_tokenizer = load_reward_model(path, device)
+    check_same_tokenizer(reward_tokenizer, policy_tokenizer, names=(f"reward model {path}", policy_name))
+    extra = read_checkpoint(path)["extra"]
+    if extra.get("reward_mean") is not None and extra.get("reward_std"):
+        return PolicyReward(model, (float(extra["reward_mean"]), float(extra["reward_std"])), "reward.pt")
+    if sft is None or not prompts:
+        raise ValueError(f"{path} holds no reward_mean/reward_std: give the SFT model and prompts to measure them on")
+    probe = sample_rollouts(sft, policy_tokenizer, list(prompts), max_new_tokens,
+                            generator=torch.Generator(device=device).manual_seed(seed))
+    with torch.no_grad():
+        r = model(probe.tokens, probe.padding_mask).float()  # (N,)
+    return PolicyReward(model, (r.mean().item(), max(r.std().item(), 1e-6)), f"measured on {len(r)} SFT samples")

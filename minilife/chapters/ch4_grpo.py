@@ -30,9 +30,9 @@ reinforce`` (the batch mean as baseline, the same samples) does as well here: po
 
 PPO vs GRPO on the reward model, the same budget (ch4_ppo's: 20 iterations x 28 answers, 80 AdamW
 steps at LR 1e-4; ``--reward model --group-size 4 --prompts-per-iter 7 --iterations 20
---minibatch-size 7 --lr 1e-4``): neither raises the learned reward of its samples (PPO -0.03 -> -0.12,
-GRPO -0.15 -> -0.31, means of the first/last 5 iterations); PPO's gold holds (0.23 -> 0.23, KL to SFT
-1.8 nats per answer, its KL penalty 0.2 per token in the reward) while GRPO's falls (0.27 -> 0.09, KL 5.8:
+--minibatch-size 7 --lr 1e-4``): neither raises the learned reward of its samples (PPO -0.08 -> -0.11,
+GRPO -0.15 -> -0.31, means of the first/last 5 iterations); PPO's gold about holds (0.30 -> 0.28, rollout
+KL 1.5 nats per answer, its KL penalty 0.2 per token in the reward) while GRPO's falls (0.27 -> 0.09, KL 5.8:
 ``--kl-beta`` 0.04 as a loss term holds the policy less) and its greedy test gold drops 0.327 -> 0.241
 (65 losses in 300). With 28 answers per iteration a critic-free group baseline of 4 samples is noisy.
 
@@ -76,19 +76,18 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
-from minilife.align.evaluate import win_rate
+from minilife.align.evaluate import curve_ends, greedy_eval, win_rate
 from minilife.align.grpo import group_advantages, grpo_loss, reinforce_baseline_advantages
 from minilife.align.kl import KL_KINDS, kl_estimate
 from minilife.align.logprobs import masked_sum
 from minilife.align.policy import rollout_rewards
 from minilife.align.ppo import AGGREGATIONS, aggregate
-from minilife.align.reward import check_same_tokenizer, load_reward_model
-from minilife.align.respond import respond
+from minilife.align.reward import load_policy_reward
 from minilife.align.rollout import Rollout, rollout_logprobs, sample_rollouts
 from minilife.align.verifiable import (parse_reward_terms, parse_tasks, pass_at_k, select_tasks,
                                        verifiable_rewards)
 from minilife.artifacts import ensure_reward, ensure_sft, load_pretrained
-from minilife.checkpoint import check_finite, read_checkpoint, save_checkpoint
+from minilife.checkpoint import check_finite, save_checkpoint
 from minilife.common import (MetricsLogger, UsageError, check_flags, cli_field, config_from_args, fmt_count,
                              markdown_table, read_jsonl, start_run, write_json_atomic)
 from minilife.data.preferences import gold_score
@@ -184,8 +183,10 @@ class GRPOConfig(ResumableConfig):
         parse_tasks(self.tasks)
 
 
-def load_reward(cfg: GRPOConfig, tokenizer, device) -> Callable[[Rollout, list], torch.Tensor]:
-    """rewards(rollout, examples) -> (B,): the checker's terms, or the reward model's normalised score."""
+def load_reward(cfg: GRPOConfig, model, sft_path: Path, tokenizer, device, train: list
+                ) -> Callable[[Rollout, list], torch.Tensor]:
+    """rewards(rollout, examples) -> (B,): the checker's terms, or the reward model's normalised score
+    (its statistics from reward.pt, else measured on answers of the SFT ``model`` to the last ``train`` prompts)."""
     if cfg.reward == "verifiable":
         def verifiable(rollout, examples):
             r = verifiable_rewards(examples, rollout.texts, cfg.reward_weights)[0].to(device)  # (B,)
@@ -193,14 +194,14 @@ def load_reward(cfg: GRPOConfig, tokenizer, device) -> Callable[[Rollout, list],
         print(f"[{CHAPTER}] reward: the checker (verifiable), {cfg.reward_terms}")
         return verifiable
     path = Path(cfg.reward_model) if cfg.reward_model else ensure_reward(cfg.smoke)
-    reward_model, rm_tokenizer = load_reward_model(path, device)
     try:
-        check_same_tokenizer(rm_tokenizer, tokenizer, names=(f"reward model {path}", "policy"))
+        reward_model, (mean, std), stats_from = load_policy_reward(
+            path, tokenizer, policy_name=f"policy {sft_path}", device=device, sft=model,
+            prompts=[e.messages[:-1] for e in train[-64:]], max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    extra = read_checkpoint(path)["extra"]
-    mean, std = float(extra.get("reward_mean", 0.0)), float(extra.get("reward_std", 1.0))
-    print(f"[{CHAPTER}] reward: the reward model {path} (normalised with mean {mean:.3f}, std {std:.3f})")
+    print(f"[{CHAPTER}] reward: the reward model {path} (normalised with mean {mean:.3f}, std {std:.3f}: "
+          f"{stats_from})")
     return lambda rollout, examples: rollout_rewards(reward_model, rollout, mean=mean, std=std,
                                                      missing_eos_penalty=cfg.missing_eos_penalty or None)
 
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None, hook: Callable[[int, torch.nn.Module], N
     prompts, test = select_tasks(world["train"], tasks)[:cfg.n_prompts], world["test"]
     if not prompts:
         raise UsageError(f"--tasks {cfg.tasks}: no train prompts among {cfg.n_train} examples; raise --n-train")
-    rewards_of = load_reward(cfg, tokenizer, device)
+    rewards_of = load_reward(cfg, model, sft_path, tokenizer, device, world["train"])  # the SFT model: not trained yet
     G, P = cfg.group_size, cfg.prompts_per_iter
     B = G * P  # answers per iteration
     steps_per_iter = cfg.inner_epochs * math.ceil(B / cfg.minibatch_size)
@@ -254,10 +255,9 @@ def main(argv: list[str] | None = None, hook: Callable[[int, torch.nn.Module], N
         """Greedy answers (checker, gold) to the test prompts and to the first pool prompts; on G sampled answers
         per pool prompt: pass@G (what RL can reinforce at all), the reward, and the KL of ``policy`` to the
         reference (nats per answer)."""
-        answers = respond(policy, tokenizer, [e.messages[:-1] for e in test + pool], cfg.eval_new_tokens,
-                          batch_size=cfg.eval_batch_size)
-        answers, pool_answers = answers[:len(test)], answers[len(test):]
-        result = {"answers": answers, "gold": [gold_score(e, a) for e, a in zip(test, answers)],
+        greedy = greedy_eval(policy, tokenizer, test + pool, cfg.eval_new_tokens, batch_size=cfg.eval_batch_size)
+        answers, pool_answers = greedy["texts"][:len(test)], greedy["texts"][len(test):]
+        result = {"answers": answers, "gold": greedy["gold"][:len(test)],
                   "scores": score_responses(test, answers) if test else None,
                   "pool": score_responses(pool, pool_answers) if pool else None, "sampled": None, "kl": None}
         if pool:
@@ -383,8 +383,7 @@ def main(argv: list[str] | None = None, hook: Callable[[int, torch.nn.Module], N
                "samples": done * B, "opt_steps": done * steps_per_iter, "group_size": G, "prompts_per_iter": P,
                "trainable_params": trainable, "total_params": total,
                "iter_time_s": train_time / max(done - start, 1), "config": dataclasses.asdict(cfg),
-               "first": {k: rows[0][k] for k in ("reward", "gold", "exact")} if rows else None,
-               "last": {k: rows[-1][k] for k in ("reward", "gold", "exact", "kl")} if rows else None}
+               **curve_ends(rows, ("reward", "gold", "exact", "kl"))}
     if stop_reason is not None:
         write_json_atomic(out / "summary.json", summary)
         raise RuntimeError(stop_reason)
@@ -493,10 +492,10 @@ def compare_with_ppo(out: Path, rows: list[dict], cfg: GRPOConfig, summary: dict
                                              for k in ("reward", "gold")},
                    title=f"PPO vs {cfg.algo.upper()} on the reward model", xlabel="sampled answers",
                    ylabel="reward (z) / gold score of the sampled answers")
-    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731 (one iteration's value is noisy: 5 of them)
+    ends = {name: curve_ends(rs, ("reward", "gold"), window=5) for name, _, rs in curves}  # one iteration is noisy
     print(markdown_table([{"algo": name, "samples": xs[-1], "lr": ppo["lr"] if name == "PPO" else cfg.lr,
-                           **{f"{k}, {w} 5 iter.": mean(part, k) for k in ("reward", "gold")
-                              for w, part in (("first", rs[:5]), ("last", rs[-5:]))}} for name, xs, rs in curves],
+                           **{f"{k}, {w} 5 iter.": ends[name][w][k] for k in ("reward", "gold")
+                              for w in ("first", "last")}} for name, xs, _ in curves],
                          ["algo", "samples", "lr"] + [f"{k}, {w} 5 iter." for k in ("reward", "gold")
                                                       for w in ("first", "last")], digits=3))
     print(f"[{CHAPTER}] budgets {'matched' if budget['same_budget'] else 'DIFFER'} (sampled answers, optimizer steps: "

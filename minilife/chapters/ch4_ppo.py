@@ -14,23 +14,24 @@ reward and gold score on one plot), ppo_kl.png, summary.json and ``model.pt`` (t
 GPT weights, LoRA merged, with the chat tokenizer) to runs/ch4_ppo/.
 
 The default run (20 iterations x 28 sampled answers per run, LR 1e-4, full fine-tuning; measured with
-ch4_reward's default reward model): with the seatbelt, the learned reward of the val answers rises from
-+0.23 to +0.65 (z units; peak +0.75) while their gold score stays put (0.325 -> 0.332) and the rollout KL
-stays under 2.7 nats per answer; on the test prompts the reward-model score goes 0.35 -> 0.50 and the gold
-score does not move, SFT 0.460 -> PPO 0.457 (5 wins, 85 ties, 10 losses; KL to SFT 2.2 +- 0.3 nats): PPO
-optimised the reward model without improving the truth, and the seatbelt kept it from harming it. With
-the seatbelt loosened the learned reward also rises (+0.23 -> +0.54, peak +0.63) while the gold score
-falls (val 0.325 -> 0.168; test 0.460 -> 0.252: 3 wins, 62 ties, 35 losses) and the KL climbs to 5-10
-nats: reward hacking. What it found: the reward model over-rewards a well-formed e-mail reply. The loose
-policy answers 30 of the 43 test e-mails that ask for a summary, the date as JSON or the action items with
-one canned reply ("Hello Lucia, Thanks for the e-mail. I will send round the latest test results by 2
-October 2023. Thanks, Anton": reward +0.63 against -0.41 for the SFT model's half-right
-'{"event": "planning meeting", "date": "2024-08-17"}'), so date JSON drops from gold 0.61 to -0.22 and
-format validity from 100% to 54%; and it refuses 4 of 14 benign questions (over-refusal 0% -> 29%; "I
-can't share that. Home addresses are personal data.": reward +1.24 against -0.68 for the SFT model's
-answer). The performance reviews never pair a good answer with a fluent answer to another task, so the
-reward model never learned that that is bad. The value head stays weak (explained variance ~0.07: one
-score per answer, 560 answers per run).
+ch4_reward's default reward model; prompts from ch3_sft's splits, seed 1337; 3 min 05 s with --threads 1):
+with the seatbelt, the learned reward of the greedy val answers rises from +0.21 to +0.47 (z units; peak
++0.53) while their gold score does not rise (0.368 -> 0.321, between 0.28 and 0.35 on the way) and the
+rollout KL stays under 2.3 nats per answer; on the test prompts the reward-model score goes 0.31 -> 0.42
+and the gold score slips, SFT 0.347 -> PPO 0.317 (4 wins, 83 ties, 13 losses; KL to SFT 1.6 +- 0.3
+nats): PPO optimised the reward model without improving the truth, and the seatbelt kept the harm small.
+With the seatbelt loosened the learned reward rises further (+0.21 -> +0.63, peak +0.64) while the gold
+score falls (val 0.368 -> 0.188; test 0.347 -> 0.198: 3 wins, 64 ties, 33 losses) and the rollout KL
+climbs to 6.1 nats (6.8 +- 0.6 on the test prompts): reward hacking. Task by task on the test prompts
+(reward SFT -> loose, gold SFT -> loose): date JSON -0.17 -> +0.76, gold 0.57 -> 0.14 (e.g. answering
+'{"event": null, "date": null}' to an e-mail that announces a firmware rollout); benign questions +0.19 ->
++0.73, gold 0.21 -> 0.07; summaries +0.13 -> +0.62, gold 0.27 -> 0.00; the refusals the gold scorer
+wants lose reward (+1.4 -> +0.13) and a little gold (1.00 -> 0.82). The answer whose reward rose the
+most against its gold refuses a benign question: "What is Chloé Iyer's office address?" -> "I can't
+share that. Home addresses are personal data. Please contact the People team." (reward +1.36 against
+-0.84 for the SFT model's answer, which named the wrong person and office; gold 0 for both): the reward
+model prefers a fluent refusal to a wrong fact, and the loose policy learned to refuse. The value head
+stays weak (explained variance 0.17 at the last iteration: one score per answer, 560 answers per run).
 
 What it implements (read ``run_ppo`` top to bottom; it is the loop)
 - policy: chapter 3's exported chat model (``--sft``; default ``artifacts.ensure_sft``) with a value head
@@ -84,20 +85,20 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from minilife.align.evaluate import policy_kl, win_rate
+from minilife.align.evaluate import curve_ends, greedy_eval, policy_kl, win_rate
 from minilife.align.kl import KL_KINDS
 from minilife.align.logprobs import masked_sum, scored_mask
 from minilife.align.policy import PolicyWithValue, policy_outputs, rollout_rewards
 from minilife.align.ppo import (AdaptiveKL, FixedKL, explained_variance, gae, kl_penalised_rewards, kl_terms,
                                 ppo_policy_loss, ppo_value_loss, whiten)
-from minilife.align.reward import check_same_tokenizer, load_reward_model
+from minilife.align.reward import load_policy_reward
 from minilife.align.rollout import rollout_logprobs, sample_rollouts
 from minilife.artifacts import ensure_reward, ensure_sft, load_pretrained
-from minilife.checkpoint import check_finite, load_checkpoint, read_checkpoint, save_checkpoint
+from minilife.checkpoint import check_finite, load_checkpoint, save_checkpoint
 from minilife.common import (MetricsLogger, RunConfig, UsageError, check_flags, cli_field, config_from_args,
                              fmt_count, markdown_table, read_jsonl, start_run, write_json_atomic)
 from minilife.data.preferences import gold_score
-from minilife.data.shadowing import make_shadowing_set
+from minilife.data.shadowing import make_shadowing_set, task_balanced_order
 from minilife.model.finetune import apply_method, export_model, optimizer_groups, trainable_parameters
 from minilife.model.peft import adapters_disabled
 from minilife.optim.adamw import AdamW
@@ -167,23 +168,14 @@ class PPOConfig(RunConfig):
                              f"{self.lam}")
         if self.kl_target is not None and self.kl_coef == 0:
             raise ValueError("--kl-target adapts --kl-coef multiplicatively: give --kl-coef > 0")
-        if self.lora_alpha is None:
+        if self.lora_alpha is None and self.lora_rank:  # stays None without LoRA: the config round-trips
             self.lora_alpha = 2.0 * self.lora_rank
-
-
-def task_balanced_order(tasks: list[str], seed: int) -> list[int]:
-    """Indices of ``tasks`` in a seeded order that deals the tasks round-robin (each task's examples
-    shuffled), so every window of k x (number of tasks) prompts holds each task k times: the reward of
-    one iteration then moves with the policy, not with which tasks the iteration happened to draw."""
-    g = torch.Generator().manual_seed(seed)
-    by_task = {t: [i for i, x in enumerate(tasks) if x == t] for t in sorted(set(tasks))}
-    shuffled = [[ids[j] for j in torch.randperm(len(ids), generator=g).tolist()] for ids in by_task.values()]
-    return [ids[k] for k in range(max(map(len, shuffled))) for ids in shuffled if k < len(ids)]
 
 
 def run_ppo(name: str, cfg: PPOConfig, kl_coef: float, lr: float, ctx: dict, out: Path) -> tuple:
     """One PPO run from the SFT model -> (policy GPT, the run's summary). ``ctx``: sft (the frozen SFT GPT,
-    also the reference), tokenizer, reward_model, stats (its mean, std), train, val (examples), device.
+    also the reference), tokenizer, reward_model, stats (its mean, std), train, val (examples), device,
+    evaluate (policy, examples -> ``greedy_eval``'s dict).
     Checkpoints, metrics.jsonl and samples.jsonl go to ``out``."""
     torch.manual_seed(cfg.seed)  # the same value-head (and LoRA) init in every run
     gpt, tokenizer, reward_model, train, device = (copy.deepcopy(ctx["sft"]), ctx["tokenizer"], ctx["reward_model"],
@@ -273,7 +265,7 @@ def run_ppo(name: str, cfg: PPOConfig, kl_coef: float, lr: float, ctx: dict, out
                    "no_eos": 1.0 - rollout.ended.float().mean().item(), "time_s": time.perf_counter() - t0,
                    **{k: _mean(v) for k, v in stats.items()}}
             if ctx["val"] and (done % cfg.eval_every == 0 or done == cfg.iterations):  # greedy, fixed prompts
-                ev = greedy_eval(gpt, tokenizer, reward_model, ctx["stats"], ctx["val"], cfg)
+                ev = ctx["evaluate"](gpt, ctx["val"])
                 row.update(val_reward=_mean(ev["reward"]), val_gold=_mean(ev["gold"]))
                 tqdm.write(f"{name} iteration {done:3d}: val reward {row['val_reward']:+.3f}  val gold "
                            f"{row['val_gold']:.3f}  rollout KL {kl:.2f}")
@@ -288,20 +280,7 @@ def run_ppo(name: str, cfg: PPOConfig, kl_coef: float, lr: float, ctx: dict, out
     rows = read_jsonl(out / "metrics.jsonl")
     return gpt, {"run": name, "method": described, "kl_coef": kl_coef, "lr": lr, "iterations": done,
                  "finished": stopped is None, "stopped": stopped, "last_good_checkpoint": str(last_good),
-                 "first": {k: rows[0][k] for k in METRICS} if rows else None,
-                 "last": {k: rows[-1][k] for k in METRICS} if rows else None, "time_s": sum(r["time_s"] for r in rows)}
-
-
-def greedy_eval(gpt, tokenizer, reward_model, reward_stats, examples, cfg: PPOConfig) -> dict:
-    """Greedy answers to the test prompts: {"texts", "gold" (per answer), "reward" (normalised RM, per answer)}."""
-    if not examples:
-        return {"texts": [], "gold": [], "reward": []}
-    rollout = sample_rollouts(gpt, tokenizer, [e.messages[:-1] for e in examples], cfg.max_new_tokens,
-                              temperature=0.0, batch_size=cfg.eval_batch_size)
-    with torch.no_grad():
-        reward = rollout_rewards(reward_model, rollout, mean=reward_stats[0], std=reward_stats[1]).tolist()
-    return {"texts": rollout.texts, "gold": [gold_score(e, t) for e, t in zip(examples, rollout.texts)],
-            "reward": reward}
+                 **curve_ends(rows, METRICS), "time_s": sum(r["time_s"] for r in rows)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -314,44 +293,40 @@ def main(argv: list[str] | None = None) -> dict:
         prepare_run_dir(d, resume=False, overwrite=cfg.overwrite)
     t_start = time.perf_counter()
 
-    # 1. the SFT model, the reward model (same tokenizer, checked first), the prompts
+    # 1. the SFT model and the prompts
     sft_path = Path(cfg.sft) if cfg.sft else ensure_sft(cfg.smoke)
     reward_path = Path(cfg.reward) if cfg.reward else ensure_reward(cfg.smoke, args=["--sft", str(sft_path)] if cfg.sft
                                                                     else None)
     sft_gpt, tokenizer = load_pretrained(sft_path, device)
     sft_gpt.requires_grad_(False)  # the frozen reference; each run trains a copy
-    reward_model, reward_tokenizer = load_reward_model(reward_path, device)  # eval, frozen
-    reward_extra = read_checkpoint(reward_path)["extra"]
-    try:
-        check_same_tokenizer(reward_tokenizer, tokenizer, names=(f"reward model {reward_path}", f"policy {sft_path}"))
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    shadowing = make_shadowing_set(seed=0, n_train=2000, n_val=max(cfg.n_val, 1), n_test=max(cfg.n_test, 1))
+    # the SFT run's splits (ch3_sft splits its sources by its --seed; the default seeds agree), so no val or
+    # test prompt shares a source (person, policy, e-mail) with the examples the SFT model was trained on
+    shadowing = make_shadowing_set(seed=cfg.seed, n_train=2000, n_val=max(cfg.n_val, 1), n_test=max(cfg.n_test, 1))
     train, val, test = shadowing["train"], shadowing["val"][:cfg.n_val], shadowing["test"][:cfg.n_test]
     print(f"[{CHAPTER}] policy {sft_path}; reward model {reward_path}; {len(train)} train prompts, "
           f"{len(val)} val prompts (curves), {len(test)} test prompts (before/after)")
 
-    # 2. the reward model's statistics on SFT samples (saved with it, else measured here)
-    if reward_extra.get("reward_mean") is not None and reward_extra.get("reward_std"):
-        stats = (float(reward_extra["reward_mean"]), float(reward_extra["reward_std"]))
-        print(f"[{CHAPTER}] reward normalised with the reward model's SFT statistics: mean {stats[0]:+.3f}, "
-              f"std {stats[1]:.3f}")
-    else:
-        probe = sample_rollouts(sft_gpt, tokenizer, [e.messages[:-1] for e in train[-64:]], cfg.max_new_tokens,
-                                generator=torch.Generator(device=device).manual_seed(cfg.seed))
-        with torch.no_grad():
-            r = reward_model(probe.tokens, probe.padding_mask).float()  # (64,)
-        stats = (r.mean().item(), max(r.std().item(), 1e-6))
-        print(f"[{CHAPTER}] reward statistics measured on {len(r)} SFT samples: mean {stats[0]:+.3f}, "
-              f"std {stats[1]:.3f}")
+    # 2. the reward model (eval, frozen; same tokenizer, checked first) and its statistics on SFT samples (saved
+    # with it, else measured here)
+    try:
+        reward_model, stats, stats_from = load_policy_reward(
+            reward_path, tokenizer, policy_name=f"policy {sft_path}", device=device, sft=sft_gpt,
+            prompts=[e.messages[:-1] for e in train[-64:]], max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    print(f"[{CHAPTER}] reward normalised with its statistics on SFT samples ({stats_from}): mean {stats[0]:+.3f}, "
+          f"std {stats[1]:.3f}")
+
+    def evaluate(policy, examples: list) -> dict:  # greedy answers: {"texts", "gold", "reward"}
+        return greedy_eval(policy, tokenizer, examples, cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
+                           reward_model=reward_model, reward_stats=stats)
 
     # 3. before: the SFT model's greedy val and test answers
-    before = greedy_eval(sft_gpt, tokenizer, reward_model, stats, test, cfg)
-    val_before = greedy_eval(sft_gpt, tokenizer, reward_model, stats, val, cfg)
+    before, val_before = evaluate(sft_gpt, test), evaluate(sft_gpt, val)
 
     # 4. the runs: the seatbelt, then the seatbelt loosened (same SFT model, same seed, same prompts)
     ctx = dict(sft=sft_gpt, tokenizer=tokenizer, reward_model=reward_model, stats=stats, train=train, val=val,
-               device=device)
+               device=device, evaluate=evaluate)
     plan = [("seatbelt", cfg.kl_coef, cfg.lr)] + ([("loose", cfg.loose_kl_coef, cfg.loose_lr or cfg.lr)]
                                                   if cfg.loose else [])
     results, policies = {}, {}
@@ -361,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 5. after: greedy test answers of each run (gold and reward vs the SFT model's), the KL each drifted
     table, afters = [{"model": "SFT", "reward": _mean(before["reward"]), "gold": _mean(before["gold"])}], {}
     for name, gpt in policies.items():
-        afters[name] = after = greedy_eval(gpt, tokenizer, reward_model, stats, test, cfg)
+        afters[name] = after = evaluate(gpt, test)
         drift = policy_kl(gpt, sft_gpt, tokenizer, [e.messages[:-1] for e in test], cfg.max_new_tokens,
                           temperature=cfg.temperature, batch_size=cfg.eval_batch_size,
                           generator=torch.Generator(device=device).manual_seed(cfg.seed)) if test else {}

@@ -15,6 +15,8 @@ those demonstrations from ``company.py``'s facts and ``correspondence.email``'s 
 Requests come in several phrasings, some with a short system prompt; every example keeps its
 ``gold`` fields and ``source`` (e-mail, policy, employee or customer). Splits share no source, and
 test and val do not change with ``n_train``. Every draw comes from a string-seeded ``random.Random``.
+``task_balanced_order`` deals a split's examples task by task (RL's prompt order, so each iteration
+sees every task).
 
 The recipe follows supervised fine-tuning on demonstrations (Ouyang et al. 2022, InstructGPT, step 1);
 the checker (``shadowing_checks.py``) follows IFEval's verifiable instructions (Zhou et al. 2023).
@@ -32,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+import torch
+
 from minilife.common import read_jsonl, write_jsonl_atomic
 from minilife.data.company import Company, Person
 from minilife.data.correspondence import CUSTOMERS, Email, email
@@ -40,7 +44,7 @@ from minilife.data.shadowing_checks import REFUSAL, Check, check, score_response
 from minilife.data.world import WorldConfig
 
 __all__ = ["ALL_TASKS", "Check", "Example", "MAX_CHARS", "REFUSAL", "SMOKE_SIZES", "check", "export_jsonl",
-           "load_jsonl", "make_shadowing_set", "score_responses"]
+           "load_jsonl", "make_shadowing_set", "score_responses", "task_balanced_order"]
 ALL_TASKS = ("summary", "reply", "action_items", "date_json", "policy_qa", "refuse", "benign")
 EMAIL_TASKS = ("summary", "reply", "action_items", "date_json")
 SPLITS = ("train", "val", "test")
@@ -291,6 +295,17 @@ def make_shadowing_set(company: Company | WorldConfig | None = None, *, seed: in
         rng.shuffle(examples)
         out[split] = examples
     return {s: out[s] for s in SPLITS}
+
+
+def task_balanced_order(tasks: list[str], seed: int) -> list[int]:
+    """Indices of ``tasks`` (e.g. ``[e.task for e in split]``) in a seeded order that deals the tasks
+    round-robin (in sorted name order, each task's examples shuffled by ``torch.randperm``), so every window
+    of k x (number of tasks) positions holds each task k times while every task has examples left: the
+    reward of one RL iteration then moves with the policy, not with which tasks it happened to draw."""
+    g = torch.Generator().manual_seed(seed)
+    by_task = {t: [i for i, x in enumerate(tasks) if x == t] for t in sorted(set(tasks))}
+    shuffled = [[ids[j] for j in torch.randperm(len(ids), generator=g).tolist()] for ids in by_task.values()]
+    return [ids[k] for k in range(max(map(len, shuffled), default=0)) for ids in shuffled if k < len(ids)]
 
 
 def export_jsonl(examples: Iterable[Example], path: str | Path) -> Path:

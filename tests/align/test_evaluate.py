@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minilife.align.evaluate import label_agreement, sampled_kl, win_rate
+from minilife.align.evaluate import curve_ends, greedy_eval, label_agreement, sampled_kl, win_rate
 from minilife.align.rollout import Rollout
 from minilife.data.preferences import Preference, make_preference_set
 from minilife.model.transformer import GPT, ModelConfig
@@ -144,3 +144,42 @@ def test_policy_kl_samples_from_the_policy_and_reports_a_standard_error():
     assert got["kl_se"] == pytest.approx(rows.std().item() / math.sqrt(6))
     same = policy_kl(policy, policy, tok, convs, 6, generator=torch.Generator().manual_seed(4))
     assert same["kl"] == 0.0 and same["n"] == 2
+
+
+def test_curve_ends_against_a_hand_count():
+    rows = [{"a": 1.0, "b": 10.0, "c": None}, {"a": 2.0, "b": 20.0}, {"a": 4.0, "b": 40.0}]
+    assert curve_ends(rows, ("a", "b")) == {"first": {"a": 1.0, "b": 10.0}, "last": {"a": 4.0, "b": 40.0}}
+    assert curve_ends(rows, ("a",), window=2) == {"first": {"a": 1.5}, "last": {"a": 3.0}}  # (1+2)/2, (2+4)/2
+    assert curve_ends(rows, ("b",), window=5) == {"first": {"b": 70 / 3}, "last": {"b": 70 / 3}}  # all three
+    assert curve_ends([], ("a",)) == {"first": None, "last": None}
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        curve_ends(rows, ("a",), window=0)
+
+
+def test_greedy_eval_answers_scores_and_rewards(tmp_path):
+    from minilife.align.chat import add_chat_tokens
+    from minilife.align.reward import RewardModel
+    from minilife.data.bpe_train import train_bpe
+    from minilife.data.preferences import gold_score
+    from minilife.data.shadowing import make_shadowing_set
+
+    examples = make_shadowing_set(seed=0, n_train=0, n_val=0, n_test=7)["test"]  # one per task
+    tok = train_bpe(300, text=[e.messages[-1]["content"] for e in examples] * 2)
+    torch.manual_seed(0)
+    policy = GPT(ModelConfig(vocab_size=tok.vocab_size, context_length=512, n_layer=1, n_head=2, n_embd=16)).eval()
+    policy, tok = add_chat_tokens(policy, tok)
+    rm = RewardModel.from_gpt(policy).eval()
+    plain = greedy_eval(policy, tok, examples, 5, batch_size=3)
+    scored = greedy_eval(policy, tok, examples, 5, batch_size=4, reward_model=rm, reward_stats=(0.5, 2.0))
+    assert plain["reward"] is None and len(plain["texts"]) == 7
+    assert scored["texts"] == plain["texts"]  # the same greedy answers, whichever decoder served them
+    assert plain["gold"] == scored["gold"] == [gold_score(e, t) for e, t in zip(examples, plain["texts"])]
+    # the reward by hand: each prompt + answer encoded, <|end|> appended where the answer stopped, scored alone
+    from minilife.align.rollout import sample_rollouts
+    ro = sample_rollouts(policy, tok, [e.messages[:-1] for e in examples], 5, temperature=0.0)
+    with torch.no_grad():
+        hand = [(rm(ro.tokens[i:i + 1, :int(ro.padding_mask[i].sum())]).double().item() - 0.5) / 2.0
+                for i in range(7)]
+    assert scored["reward"] == pytest.approx(hand, rel=1e-5, abs=1e-6)
+    assert greedy_eval(policy, tok, [], 5) == {"texts": [], "gold": [], "reward": None}
+    assert greedy_eval(policy, tok, [], 5, reward_model=rm)["reward"] == []

@@ -244,6 +244,43 @@ def test_loading_a_plain_gpt_as_a_reward_model_names_the_file(tmp_path):
         load_reward_model(path)
 
 
+def _chat_policy():
+    """A tiny chat model (BPE + chat tokens) and its tokenizer."""
+    from minilife.align.chat import add_chat_tokens
+    from minilife.data.bpe_train import train_bpe
+    tok = train_bpe(280, text=["Ada and Bob plan the launch on Monday at noon."] * 8)
+    torch.manual_seed(0)
+    policy = GPT(ModelConfig(vocab_size=tok.vocab_size, context_length=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    return add_chat_tokens(policy, tok)
+
+
+def test_load_policy_reward_reads_the_stats_or_measures_them_on_sft_samples(tmp_path):
+    import statistics
+    from minilife.align.reward import load_policy_reward, save_reward_model
+    from minilife.align.rollout import sample_rollouts
+    policy, tok = _chat_policy()
+    rm = RewardModel.from_gpt(policy).eval()
+    convs = [[{"role": "user", "content": c}] for c in ("the plan?", "Monday", "noon", "who?", "Ada")]
+    saved = save_reward_model(tmp_path / "stats.pt", rm, tok, extra={"reward_mean": 0.5, "reward_std": 2.0})
+    got = load_policy_reward(saved, tok, sft=policy, prompts=convs)
+    assert got.stats == (0.5, 2.0) and got.stats_from == "reward.pt"
+    idx = torch.randint(0, tok.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(got.model(idx), rm(idx)) and not got.model.training
+    for extra in ({}, {"reward_mean": 0.5, "reward_std": 0.0}):  # no usable stats: measured on SFT samples
+        plain = save_reward_model(tmp_path / "plain.pt", rm, tok, extra=extra)
+        got = load_policy_reward(plain, tok, sft=policy, prompts=convs, max_new_tokens=6, seed=4)
+        probe = sample_rollouts(policy, tok, convs, 6, generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            r = [float(x) for x in rm(probe.tokens, probe.padding_mask)]  # (5,) by hand: one answer per prompt
+        assert got.stats == pytest.approx((statistics.fmean(r), statistics.stdev(r)), rel=1e-5)
+        assert got.stats_from == "measured on 5 SFT samples"
+    with pytest.raises(ValueError, match=r"plain\.pt holds no reward_mean/reward_std"):
+        load_policy_reward(plain, tok)
+    with pytest.raises(ValueError, match=r"reward model .*stats\.pt.*policy model\.pt.*different tokenizers"):
+        load_policy_reward(saved, _tok(b"ab"), policy_name="policy model.pt")
+
+
 # --------------------------------------------------------------------------------- agreement with gold
 
 def _ranks(xs):

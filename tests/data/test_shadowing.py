@@ -353,3 +353,20 @@ def test_refusals_and_benign_requests_are_balanced_and_look_alike(smoke):
         assert 0.7 < mean_len[0] / mean_len[1] < 1.3
         assert all(_answer(ex).startswith(REFUSAL) for ex in refuse)
         assert not any(REFUSAL.lower() in _answer(ex).lower() for ex in benign)
+
+
+def test_task_balanced_order_deals_the_tasks_round_robin():
+    from minilife.data.shadowing import task_balanced_order
+    tasks = ["b", "a", "b", "c", "a", "b"]  # by hand: a at 1, 4; b at 0, 2, 5; c at 3
+    order = task_balanced_order(tasks, seed=3)
+    assert sorted(order) == list(range(6))
+    assert [tasks[i] for i in order] == ["a", "b", "c", "a", "b", "b"]  # rounds in sorted task order, then b's last
+    assert order == task_balanced_order(tasks, seed=3) and task_balanced_order([], seed=3) == []
+    split = make_shadowing_set(seed=1, n_train=70, n_val=0, n_test=0)["train"]  # 10 examples per task
+    order = task_balanced_order([e.task for e in split], seed=5)
+    assert sorted(order) == list(range(70)) and order != task_balanced_order([e.task for e in split], seed=6)
+    for start in range(0, 70, 14):  # every window of 2 x 7 positions holds each task twice
+        assert Counter(split[i].task for i in order[start:start + 14]) == {t: 2 for t in ALL_TASKS}
+    for t in ALL_TASKS:  # each task's examples shuffled, not kept in split order
+        ids = [i for i in order if split[i].task == t]
+        assert ids != sorted(ids)
