@@ -12,6 +12,9 @@ schedule step are in the chapter's text); this module holds what those loops sha
 - ``evaluate``: token-weighted mean loss on fixed batches; ``unigram_entropy``: the loss of the best
   model that ignores context, H(p) = -sum_v p_v ln p_v over the training tokens' frequencies.
 - ``sample_text``: a seeded sample continuation of a prompt; ``mlm_mask_id``: the MLM's [MASK] id.
+- ``epoch_batch``: for loops over a list of examples (pairs, conversations), the indices of step k's
+  batch: a seeded permutation per epoch, cut in batches (the last one of an epoch may be short), so
+  a resumed run sees exactly the batches it would have seen.
 
 What it leaves out: data loading in background workers (the token arrays are memory-mapped and a
 batch is a few slices), distributed samplers, a Trainer class (the loop belongs to the chapter).
@@ -129,3 +132,14 @@ def sample_text(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, max_n
     g = torch.Generator(device=device).manual_seed(seed)
     out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=0.8, top_k=40, generator=g)
     return tokenizer.decode(out.tokens[0].tolist())  # (1, T0 + n) -> text
+
+
+def epoch_batch(step: int, n_items: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Indices (b,) long of step ``step``'s batch over ``n_items`` examples: epoch e = step // ceil(n / bs)
+    shuffles with a generator seeded by (seed, e), and the step takes its slice of that permutation."""
+    if n_items < 1 or batch_size < 1 or step < 0:
+        raise ValueError(f"need n_items >= 1, batch_size >= 1 and step >= 0, got {n_items}, {batch_size}, {step}")
+    steps_per_epoch = -(-n_items // batch_size)  # ceil
+    epoch, k = divmod(step, steps_per_epoch)
+    perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))  # (n,)
+    return perm[k * batch_size:(k + 1) * batch_size]

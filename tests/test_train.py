@@ -106,3 +106,17 @@ def test_sample_text_is_seeded_and_leaves_the_mode_alone():
     model = GPT(ModelConfig.preset("micro", vocab_size=tok.vocab_size, context_length=32)).train()
     a, b = (L.sample_text(model, tok, "From:", 6, seed=4) for _ in range(2))
     assert a == b and a.startswith("From:") and model.training
+
+
+def test_epoch_batch_partitions_each_epoch_and_is_a_function_of_seed_and_step():
+    from minilife.train import epoch_batch
+    n, bs = 10, 4  # 3 steps per epoch: 4 + 4 + 2
+    epochs = [[epoch_batch(e * 3 + k, n, bs, seed=7).tolist() for k in range(3)] for e in range(3)]
+    for batches in epochs:
+        assert [len(b) for b in batches] == [4, 4, 2]
+        assert sorted(i for b in batches for i in b) == list(range(n))  # every example once per epoch
+    assert epochs[0] != epochs[1]  # a fresh shuffle each epoch
+    assert epoch_batch(4, n, bs, seed=7).tolist() == epochs[1][1]  # pure in (seed, step): resume sees the same
+    assert epoch_batch(4, n, bs, seed=8).tolist() != epochs[1][1]
+    with pytest.raises(ValueError, match="batch_size"):
+        epoch_batch(0, n, 0, seed=7)

@@ -68,6 +68,7 @@ from minilife.optim.clip import clip_grad_norm
 from minilife.optim.schedule import warmup_cosine_lr
 from minilife.plots import plot_lines
 from minilife.runs import InterruptGuard, ResumableConfig, cli, interrupted, prepare_run_dir, resume_run, save_rotating
+from minilife.train import epoch_batch
 
 CHAPTER = "ch4_dpo"
 NOT_THE_RUN = ("smoke", "out", "threads", "debug", "device", "resume", "overwrite", "allow_change", "plots",
@@ -262,10 +263,6 @@ def main(argv: list[str] | None = None) -> dict:
                              extra={"train": dataclasses.asdict(cfg), "finished": step >= max_steps,
                                     "tokenizer_state": tokenizer.state()})
 
-    def step_indices(step: int) -> torch.Tensor:  # the step's pairs: a seeded permutation per epoch
-        epoch, k = divmod(step, steps_per_epoch)
-        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
-        return perm[k * cfg.batch_size:(k + 1) * cfg.batch_size]  # (b,)
 
     # 6. the loop: pairs -> policy log-probs (one pass, 2B rows) -> DPO loss vs cached reference -> AdamW
     done, train_time = start_step, 0.0
@@ -278,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
             lr = warmup_cosine_lr(step, max_lr=cfg.lr, warmup_steps=warmup, total_steps=max_steps, min_lr=cfg.lr / 10)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            idx = step_indices(step)
+            idx = epoch_batch(step, len(train), cfg.batch_size, cfg.seed)  # (b,): a seeded permutation per epoch
             batch = collate_pairs([train[i] for i in idx.tolist()], pad_id).to(device)
             pc, pr = pair_logprobs(model, batch, average=cfg.average_logprobs)  # (b,), (b,) with gradient
             rc, rr = ref_train.take(idx)

@@ -72,6 +72,7 @@ from minilife.optim.clip import clip_grad_norm
 from minilife.optim.schedule import warmup_cosine_lr
 from minilife.plots import plot_lines
 from minilife.runs import InterruptGuard, ResumableConfig, cli, interrupted, prepare_run_dir, resume_run, save_rotating
+from minilife.train import epoch_batch
 
 CHAPTER = "ch4_reward"
 NOT_THE_RUN = ("smoke", "out", "threads", "debug", "device", "resume", "overwrite", "allow_change", "plots",
@@ -232,10 +233,6 @@ def main(argv: list[str] | None = None, hook: Callable[[int, RewardModel], None]
                              extra={"train": dataclasses.asdict(cfg), "finished": step >= max_steps,
                                     "tokenizer_state": tokenizer.state()})
 
-    def step_indices(step: int) -> list[int]:  # the step's pairs: a seeded permutation per epoch
-        epoch, k = divmod(step, steps_per_epoch)
-        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
-        return perm[k * cfg.batch_size:(k + 1) * cfg.batch_size].tolist()
 
     # 5. the loop: pairs -> rewards (one pass over 2B rows) -> Bradley-Terry loss -> backward -> clip -> AdamW
     done, train_time = start_step, 0.0
@@ -248,7 +245,8 @@ def main(argv: list[str] | None = None, hook: Callable[[int, RewardModel], None]
             lr = warmup_cosine_lr(step, max_lr=cfg.lr, warmup_steps=warmup, total_steps=max_steps, min_lr=cfg.lr / 10)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = collate_pairs([train[i] for i in step_indices(step)], pad_id).to(device)  # (2b, T) rows
+            idx = epoch_batch(step, len(train), cfg.batch_size, cfg.seed)  # (b,): a seeded permutation per epoch
+            batch = collate_pairs([train[i] for i in idx.tolist()], pad_id).to(device)  # (2b, T) rows
             rm.train()
             rewards = rm(batch.input_ids, batch.padding_mask)  # (2b,): chosen rows first, then rejected
             rc, rr = rewards[:batch.n_pairs], rewards[batch.n_pairs:]  # (b,), (b,)
