@@ -62,7 +62,7 @@ from minilife.common import (MetricsLogger, UsageError, check_flags, cli_field, 
                              markdown_table, read_jsonl, start_run, write_json_atomic)
 from minilife.data.preferences import gold_score, preference_splits, read_preferences, write_preferences
 from minilife.model.finetune import apply_method, export_model, optimizer_groups, trainable_parameters
-from minilife.model.peft import adapters_disabled
+from minilife.model.peft import reference_model
 from minilife.optim.adamw import AdamW
 from minilife.optim.clip import clip_grad_norm
 from minilife.optim.schedule import warmup_cosine_lr
@@ -183,10 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"train); reference: {'a frozen copy' if reference is not None else 'the policy with adapters off'}")
 
     def sft_model(tokens, padding_mask=None):  # the reference's forward: the frozen copy, or adapters off
-        if reference is not None:
-            return reference(tokens, padding_mask=padding_mask)
-        with adapters_disabled(model):
-            return model(tokens, padding_mask=padding_mask)
+        with reference_model(model, reference) as ref:
+            return ref(tokens, padding_mask=padding_mask)
 
     def ref_scores(batch):  # (chosen (b,), rejected (b,)) sequence log-probs under the reference
         return pair_logprobs(sft_model, batch.to(device), average=cfg.average_logprobs)

@@ -94,7 +94,7 @@ from minilife.data.preferences import gold_score
 from minilife.data.shadowing import ALL_TASKS, make_shadowing_set
 from minilife.data.shadowing_checks import score_responses
 from minilife.model.finetune import apply_method, export_model, optimizer_groups, trainable_parameters
-from minilife.model.peft import adapters_disabled
+from minilife.model.peft import reference_model
 from minilife.optim.adamw import AdamW
 from minilife.optim.clip import clip_grad_norm
 from minilife.plots import plot_lines
@@ -225,10 +225,8 @@ def main(argv: list[str] | None = None, hook: Callable[[int, torch.nn.Module], N
           f"train); reference: {'a frozen copy' if reference is not None else 'the policy with adapters off'}")
 
     def ref_logprobs(rollout: Rollout) -> torch.Tensor:  # (B, W) log pi_ref of the sampled tokens
-        if reference is not None:
-            return rollout_logprobs(reference, rollout, temperature=cfg.temperature)
-        with adapters_disabled(model):
-            return rollout_logprobs(model, rollout, temperature=cfg.temperature)
+        with reference_model(model, reference) as ref:  # the frozen copy, or the policy with adapters off
+            return rollout_logprobs(ref, rollout, temperature=cfg.temperature)
 
     def kl_per_answer(logp: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return masked_sum(kl_estimate(logp, logp_ref, cfg.kl_kind), mask)  # (B, W) -> (B,) nats per answer

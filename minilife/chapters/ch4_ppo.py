@@ -100,7 +100,7 @@ from minilife.common import (MetricsLogger, RunConfig, UsageError, check_flags, 
 from minilife.data.preferences import gold_score
 from minilife.data.shadowing import make_shadowing_set, task_balanced_order
 from minilife.model.finetune import apply_method, export_model, optimizer_groups, trainable_parameters
-from minilife.model.peft import adapters_disabled
+from minilife.model.peft import reference_model
 from minilife.optim.adamw import AdamW
 from minilife.optim.clip import clip_grad_norm
 from minilife.plots import plot_lines
@@ -196,10 +196,8 @@ def run_ppo(name: str, cfg: PPOConfig, kl_coef: float, lr: float, ctx: dict, out
           f"iterations x {P * cfg.samples_per_prompt} answers")
 
     def ref_logprobs(rollout):  # (B, W) log pi_ref of the sampled tokens at the rollout's temperature
-        if not cfg.lora_rank:
-            return rollout_logprobs(ctx["sft"], rollout, temperature=T)
-        with adapters_disabled(gpt):
-            return rollout_logprobs(gpt, rollout, temperature=T)
+        with reference_model(gpt, None if cfg.lora_rank else ctx["sft"]) as ref:  # frozen SFT, or adapters off
+            return rollout_logprobs(ref, rollout, temperature=T)
 
     stopped, last_good, done = None, None, 0
     with MetricsLogger(out / "metrics.jsonl") as logger, MetricsLogger(out / "samples.jsonl") as samples, \

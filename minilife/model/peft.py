@@ -4,7 +4,8 @@ What it implements
 - ``AdapterLayer``: the base of every PEFT module in minilife (LoRA and DoRA live in ``minilife.model.lora``).
   Its trainable parts sit in ``adapters`` (name -> module); ``active`` names the one in use (one at a
   time, model-wide, ``set_adapter``); ``enabled`` is False inside ``adapters_disabled``, where every
-  such layer computes exactly what the base model computes (chapter 4's frozen reference model).
+  such layer computes exactly what the base model computes (chapter 4's frozen reference model);
+  ``reference_model`` gives that reference, or a frozen copy when one is kept, for a block.
 - The shared helpers: ``match_linears`` (fnmatch targets against qualified names or their dotted
   suffixes), ``mark_only_adapters_trainable``, ``trainable_parameters``, ``adapter_param_groups``,
   ``base_state_dict`` (the plain model's weights, e.g. after ``merge_lora``, for export).
@@ -215,6 +216,18 @@ def adapters_disabled(model: nn.Module):
         for (_, layer), was in zip(layers, before):
             layer.enabled = was
 
+
+
+@contextlib.contextmanager
+def reference_model(policy: nn.Module, frozen: nn.Module | None = None):
+    """The reference model of RLHF and DPO for the block: ``frozen`` (a frozen copy of the starting model)
+    when given, else ``policy`` itself with its adapters disabled -- the same function without a
+    second copy of the weights in memory."""
+    if frozen is not None:
+        yield frozen
+    else:
+        with adapters_disabled(policy) as base:
+            yield base
 
 # --------------------------------------------------------------------------------------------
 # bottleneck adapters (Houlsby et al. 2019)

@@ -1,5 +1,6 @@
 """Bottleneck adapters and prefix tuning against float64 formulas written here; the helpers every method
 shares (freezing, counting, switching, disabling, target names); prefix masks; generation with a cache."""
+import copy
 import math
 
 import numpy as np
@@ -244,3 +245,21 @@ def test_target_names_are_logical_and_skip_adapter_internals():
 def test_bad_arguments_raise(call, word):
     with pytest.raises(ValueError, match=word):
         call(_gpt())
+
+
+def test_reference_model_is_the_frozen_copy_or_the_policy_with_adapters_off():
+    from minilife.model.peft import reference_model
+    base = _gpt()
+    idx = torch.tensor([[5, 9, 2, 7, 1]])
+    plain = base(idx)[0]
+    policy = copy.deepcopy(base)
+    inject_lora(policy, ["attn.*", "ffn.*"], rank=2)
+    _randomize(policy, std=1.0)
+    assert not torch.allclose(policy(idx)[0], plain)  # the adapters change the policy
+    with reference_model(policy) as ref:  # no copy: the policy computing as the base model
+        assert ref is policy and torch.equal(ref(idx)[0], plain)
+    assert not torch.allclose(policy(idx)[0], plain)  # adapters back on after the block
+    frozen = copy.deepcopy(base)
+    with reference_model(policy, frozen) as ref:
+        assert ref is frozen
+    assert not torch.allclose(policy(idx)[0], plain)  # a frozen copy leaves the policy's adapters alone
