@@ -199,10 +199,12 @@ def memory_bill(model: Union[ModelConfig, int, float], opts: MemoryOptions = Mem
     else:
         act = float(activation_bytes(cfg, batch=opts.batch, seq=opts.seq, dtype=opts.activations_dtype,
                                      kind=opts.activation_kind, checkpointing=opts.gradient_checkpointing))
+    # exercise: memory_bill
     adapters = trainable if opts.trainable_params is not None else 0
     return MemoryBill(n_params=n, trainable=trainable, weights=(n + adapters) * DTYPE_BYTES[opts.weights],
                       grads=trainable * DTYPE_BYTES[opts.grads], master=trainable * 4 if opts.master_weights else 0,
                       moments=trainable * opts.n_moments * DTYPE_BYTES[opts.moments], activations=act, options=opts)
+    # end exercise: memory_bill
 
 
 # Precision recipes (``--precision`` in ch1): bytes per trainable parameter before activations.

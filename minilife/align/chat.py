@@ -150,9 +150,11 @@ def _render(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]],
     for m in messages:
         start = _marker_ids(tokenizer, getattr(template, m["role"]))
         content = tokenizer.encode(m["content"], allowed_special="none")  # text never becomes a marker
+        # exercise: sft_loss_mask
         trained = m["role"] == "assistant"
         ids += start + content + end + separator
         mask += [False] * len(start) + [trained] * (len(content) + len(end)) + [False] * len(separator)
+        # end exercise: sft_loss_mask
     return ids, mask
 
 

@@ -124,6 +124,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
         ratio_c, ratio_r = pi_c, pi_r  # (B,)
     else:
         ratio_c, ratio_r = pi_c - ref_chosen.to(dtype), pi_r - ref_rejected.to(dtype)  # (B,)
+    # exercise: dpo_loss
     h = ratio_c - ratio_r  # (B,) log-ratio difference
     z = beta * h - margin  # (B,)
     eps = label_smoothing
@@ -136,6 +137,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
         losses = torch.relu(1 - z)
     else:  # ipo
         losses = (h - 1 / (2 * beta)) ** 2
+    # end exercise: dpo_loss
 
     chosen_rewards, rejected_rewards = (beta * ratio_c).detach(), (beta * ratio_r).detach()  # (B,)
     return DPOOutput(loss=losses.mean(), losses=losses, chosen_rewards=chosen_rewards,

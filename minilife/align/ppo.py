@@ -92,6 +92,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     for name, x in (("gamma", gamma), ("lam", lam)):
         if not 0.0 <= x <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1], got {x}")
+    # exercise: gae
     r, v = torch.where(mask, rewards, 0.0), torch.where(mask, values, 0.0)  # (B, T): no garbage leaks
     advantages = torch.zeros_like(r)
     next_value = next_adv = torch.zeros_like(r[:, 0])  # (B,): the bootstrap after the last token
@@ -102,6 +103,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         advantages[:, t] = torch.where(valid, adv, 0.0)
         next_value, next_adv = torch.where(valid, v[:, t], next_value), torch.where(valid, adv, next_adv)
     return advantages, torch.where(mask, advantages + v, 0.0)
+    # end exercise: gae
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
@@ -144,10 +146,12 @@ def clipped_surrogate(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages
     and log rho (B, T); all 0/False where masked. Inputs (B, T); advantages are treated as constants."""
     if not 0.0 < clip < 1.0:
         raise ValueError(f"clip must lie in (0, 1), got {clip}")
+    # exercise: ppo_clipped_loss
     log_ratio = torch.where(mask, logp_new - logp_old.detach(), 0.0)  # (B, T)
     ratio, adv = log_ratio.exp(), torch.where(mask, advantages.detach(), 0.0)
     unclipped, clipped = -adv * ratio, -adv * ratio.clamp(1.0 - clip, 1.0 + clip)
     return torch.maximum(unclipped, clipped), mask & (clipped > unclipped), log_ratio
+    # end exercise: ppo_clipped_loss
 
 
 def ppo_policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,

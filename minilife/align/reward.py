@@ -138,8 +138,10 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin:
         margin = margin.to(device=rc.device, dtype=dtype).detach()
     elif isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
         raise ValueError(f"margin must be a finite float or a (B,) tensor, got {margin!r}")
+    # exercise: bradley_terry
     nll = -F.logsigmoid(rc - rr - margin).mean()
     loss = nll + center_coef * (rc + rr).pow(2).mean() if center_coef else nll
+    # end exercise: bradley_terry
     return BTLoss(loss, preference_accuracy(r_chosen, r_rejected))
 
 

@@ -227,8 +227,10 @@ def split_step(examples: Sequence[SFTExample], micro_batch_size: int, pad_id: in
     if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be a positive int, got {micro_batch_size!r}")
     groups = [examples[i:i + micro_batch_size] for i in range(0, len(examples), micro_batch_size)]
+    # exercise: grad_accumulation
     micro = [collate(g, pad_id, pack_len=pack_len, side=side) for g in groups]
     return micro, sum(mb.n_trained for mb in micro)
+    # end exercise: grad_accumulation
 
 
 def sft_eval_loss(model, batches: Sequence[SFTBatch]) -> float:

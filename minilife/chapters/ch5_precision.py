@@ -51,6 +51,7 @@ from minilife.runs import cli
 from minilife.model.transformer import GPT, PRESETS, ModelConfig
 from minilife.optim.adamw import AdamW
 from minilife.optim.clip import clip_grad_norm
+from minilife.optim.loss_scale import DynamicLossScaler
 from minilife.train import BatchSource
 
 CHAPTER = "ch5_precision"
@@ -153,50 +154,6 @@ def underflow_table(model: GPT, batch, exponents: list[int], static_scale: float
         row["bf16"] = flush_stats(ref, autocast_grads(model, batch, torch.bfloat16, shrink))
         rows.append(row)
     return rows, fp16_autocast
-
-
-# --------------------------------------------------------------------------------------------
-# dynamic loss scaling
-
-
-class DynamicLossScaler:
-    """Loss scaling that finds its own scale: halve on overflow (and skip that step), double after
-    ``growth_interval`` consecutive good steps.
-
-    Use: ``scaler.scale(loss).backward(); ok = scaler.unscale_(params); if ok: opt.step();
-    scaler.update(ok)``.
-    """
-
-    def __init__(self, init_scale: float = 2.0 ** 16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
-                 growth_interval: int = 2000):
-        if init_scale <= 0 or growth_factor <= 1 or not 0 < backoff_factor < 1 or growth_interval < 1:
-            raise ValueError("need init_scale > 0, growth_factor > 1, 0 < backoff_factor < 1, growth_interval >= 1")
-        self.scale_value, self.growth_factor, self.backoff_factor = float(init_scale), growth_factor, backoff_factor
-        self.growth_interval, self.good_steps, self.skipped = growth_interval, 0, 0
-
-    def scale(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss * self.scale_value
-
-    @torch.no_grad()
-    def unscale_(self, params) -> bool:
-        """Divide every gradient by the scale (in fp32); True if all of them are finite."""
-        finite = True
-        for p in params:
-            if p.grad is not None:
-                p.grad.div_(self.scale_value)
-                finite = finite and bool(torch.isfinite(p.grad).all())
-        return finite
-
-    def update(self, finite: bool) -> None:
-        if not finite:
-            self.scale_value *= self.backoff_factor
-            self.good_steps = 0
-            self.skipped += 1
-            return
-        self.good_steps += 1
-        if self.good_steps == self.growth_interval:
-            self.scale_value *= self.growth_factor
-            self.good_steps = 0
 
 
 def train_mixed(model: GPT, source: BatchSource, steps: int, lr: float, dtype: torch.dtype, shrink: float,

@@ -157,6 +157,7 @@ def learn_merges(pretoken_counts: dict[bytes, int], n_merges: int, progress: boo
             done += 1
             bar.update(1)
 
+        # exercise: bpe_merge_step
         delta: dict[tuple[int, int], int] = defaultdict(int)
         for wi in where.pop(pair):
             word, f = words[wi], freqs[wi]
@@ -174,6 +175,7 @@ def learn_merges(pretoken_counts: dict[bytes, int], n_merges: int, progress: boo
                         where[new_id, word[i + 2]].add(wi)
                     word[i:i + 2] = [new_id]
                 i += 1
+        # end exercise: bpe_merge_step
 
         for p, d in delta.items():
             if d == 0:

@@ -71,6 +71,7 @@ def lsh_candidate_pairs(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
         raise ValueError(f"sigs must be 2-D (N, P), got shape {sigs.shape}")
     if bands < 1 or rows < 1 or bands * rows > sigs.shape[1]:
         raise ValueError(f"bands={bands} x rows={rows} must be >= 1 and fit in num_perm={sigs.shape[1]}")
+    # exercise: lsh_banding
     n = sigs.shape[0]
     codes = []
     for k in range(bands):
@@ -85,6 +86,7 @@ def lsh_candidate_pairs(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
         return np.zeros((0, 2), dtype=np.int64)
     uniq = np.unique(np.concatenate(codes))
     return np.stack([uniq // n, uniq % n], axis=1).astype(np.int64)  # (M, 2)
+    # end exercise: lsh_banding
 
 
 # --------------------------------------------------------------------------------------------

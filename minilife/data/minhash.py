@@ -198,6 +198,7 @@ def permute(x: np.ndarray, a: np.ndarray, b: np.ndarray, family: str = "multiply
 
 def _segment_minima(x: np.ndarray, starts: np.ndarray, num_perm: int, seed: int, family: str) -> np.ndarray:
     """Per-document minima of permute(x) where document d owns x[starts[d]:starts[d+1]] -> (N, P)."""
+    # exercise: minhash_signature
     a, b = permutation_params(num_perm, seed, family)
     sig = np.full((num_perm, len(starts)), np.iinfo(np.uint64).max, dtype=np.uint64)  # (P, N)
     cols = max(1, _CHUNK_ELEMENTS // num_perm)
@@ -211,6 +212,7 @@ def _segment_minima(x: np.ndarray, starts: np.ndarray, num_perm: int, seed: int,
         seg = np.maximum(starts[d0:d1], lo) - lo  # (d1 - d0,) segment starts inside this chunk
         np.minimum(sig[:, d0:d1], np.minimum.reduceat(h, seg, axis=1), out=sig[:, d0:d1])
     return np.ascontiguousarray(sig.T)  # (N, P)
+    # end exercise: minhash_signature
 
 
 def signatures(texts: Sequence[str], num_perm: int = 128, ngram: int = 5, seed: int = 0,

@@ -89,6 +89,7 @@ class _FlashAttentionTorch(torch.autograd.Function):
                 s = (qi @ k[:, :, k0:k1].to(acc_t).transpose(-2, -1)) * sm_scale  # (B, H, Bq, Bk)
                 if causal and k1 - 1 > q0:  # only tiles touching the diagonal need the mask
                     s = s.masked_fill(~_causal_keep(q0, q1, k0, k1, q.device), float("-inf"))
+                # exercise: online_softmax
                 m_new = torch.maximum(m, s.amax(dim=-1))  # (B, H, Bq)
                 # a row that has seen only masked keys so far keeps m = -inf; use 0 there so that
                 # exp(-inf - 0) = 0 instead of exp(-inf + inf) = NaN
@@ -98,6 +99,7 @@ class _FlashAttentionTorch(torch.autograd.Function):
                 l = alpha * l + p.sum(dim=-1)
                 acc = alpha[..., None] * acc + p @ v[:, :, k0:k1].to(acc_t)  # (B, H, Bq, D)
                 m = m_new
+                # end exercise: online_softmax
             out[:, :, q0:q1] = (acc / l[..., None]).to(q.dtype)
             lse[:, :, q0:q1] = m + torch.log(l)
         ctx.save_for_backward(q, k, v, out, lse)

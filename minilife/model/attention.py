@@ -38,9 +38,11 @@ MaskSpec = Union[str, torch.Tensor]
 def causal_mask(t_q: int, t_k: int, device=None) -> torch.Tensor:
     """Bool (Tq, Tk), True where query i may see key j. Queries are the *last* Tq of the Tk positions
     (the KV-cache case), so query i sits at absolute position i + (Tk - Tq) and sees j <= that."""
+    # exercise: causal_attention
     q_pos = torch.arange(t_q, device=device).unsqueeze(1) + (t_k - t_q)  # (Tq, 1)
     k_pos = torch.arange(t_k, device=device).unsqueeze(0)  # (1, Tk)
     return k_pos <= q_pos  # (Tq, Tk)
+    # end exercise: causal_attention
 
 
 def prefix_lm_mask(prefix_lengths: torch.Tensor, t: int) -> torch.Tensor:
@@ -99,10 +101,12 @@ def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
 
     q: (B, H, Tq, D); k, v: (B, H, Tk, D); mask: bool broadcastable to (B, H, Tq, Tk), True = may
     attend, or None for no mask. Softmax is taken in float32 (or float64). Returns (B, H, Tq, D)."""
+    # exercise: causal_attention
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, Tq, Tk)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
+    # end exercise: causal_attention
     if dropout_p > 0.0 and training:
         probs = F.dropout(probs, p=dropout_p)
     return probs @ v  # (B, H, Tq, D)

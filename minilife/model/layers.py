@@ -45,9 +45,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # exercise: rmsnorm
         xf = x.to(_compute_dtype(x.dtype))
         normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return normed.to(x.dtype) * self.weight.to(x.dtype)
+        # end exercise: rmsnorm
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -61,9 +63,11 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0,
     positions), then cast to ``dtype``. Returns cos, sin of shape (*P, D/2)."""
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head dimension, got head_dim={head_dim}")
+    # exercise: rope
     freqs = theta ** (-2.0 * torch.arange(head_dim // 2, dtype=torch.float64) / head_dim)  # (D/2,)
     angles = positions.to(torch.float64).unsqueeze(-1) * freqs.to(positions.device)  # (*P, D/2)
     return angles.cos().to(dtype), angles.sin().to(dtype)
+    # end exercise: rope
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -74,12 +78,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     B, H, T, D = x.shape
     if cos.dim() == 3:  # per-sequence positions
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, T, D/2) -> (B, 1, T, D/2): broadcast over heads
+    # exercise: rope
     ct = _compute_dtype(x.dtype)
     pairs = x.to(ct).view(B, H, T, D // 2, 2)  # (B, H, T, D/2, 2)
     x_even, x_odd = pairs[..., 0], pairs[..., 1]  # each (B, H, T, D/2)
     cos, sin = cos.to(ct), sin.to(ct)
     rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)  # (B, H, T, D/2, 2)
     return rotated.flatten(-2).to(x.dtype)  # (B, H, T, D)
+    # end exercise: rope
 
 
 class RotaryEmbedding(nn.Module):

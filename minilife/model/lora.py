@@ -80,7 +80,9 @@ class LoRAAdapter(nn.Module):
 
     def updated_rows(self, weight: torch.Tensor) -> torch.Tensor:
         """float32 (P, S, in): W0 + s B A on the adapted slices."""
+        # exercise: lora_merge
         return self.rows(weight).float() + self.scaling * (self.B.float() @ self.A.float())
+        # end exercise: lora_merge
 
     def magnitude_scale(self, weight: torch.Tensor) -> torch.Tensor:
         """DoRA's m / ||W0 + s B A|| per adapted row: (P, S) float32 (the exact norm, not detached)."""
@@ -105,9 +107,11 @@ class LoRALinear(AdapterLayer):
             return self.base(x)
         adapter, weight = self.adapters[self.active], self.base.weight
         y = F.linear(x, weight).unflatten(-1, (adapter.n_slices, -1))  # (..., out) -> (..., N, S)
+        # exercise: lora_forward
         low = torch.einsum("...i,pri->...pr", adapter.dropout(x), adapter.A)  # (..., P, r)
         update = adapter.scaling * torch.einsum("...pr,psr->...ps", low, adapter.B)  # (..., P, S)
         chosen = y.index_select(-2, adapter.index) + update  # (..., P, S): W0 x + s B A x
+        # end exercise: lora_forward
         if adapter.magnitude is not None:
             chosen = chosen * adapter.magnitude_scale(weight).to(chosen.dtype)  # (P, S) broadcast: W' x
         y = y.index_copy(-2, adapter.index, chosen).flatten(-2)  # (..., N, S) -> (..., out)

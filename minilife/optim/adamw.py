@@ -67,6 +67,7 @@ class AdamW(torch.optim.Optimizer):
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 state["step"] += 1
                 t = state["step"]
+                # exercise: adamw_step
                 if wd != 0.0:
                     p.mul_(1.0 - lr * wd)  # decoupled decay
                 m.mul_(beta1).add_(g, alpha=1.0 - beta1)
@@ -75,6 +76,7 @@ class AdamW(torch.optim.Optimizer):
                 # lr * (m / bias1) / (sqrt(v / bias2) + eps), arranged as torch does to avoid a temporary
                 denom = (v.sqrt() / math.sqrt(bias2)).add_(eps)
                 p.addcdiv_(m, denom, value=-lr / bias1)
+                # end exercise: adamw_step
         return loss
 
 

@@ -32,12 +32,14 @@ def warmup_cosine_lr(step: int, *, max_lr: float, warmup_steps: int, total_steps
                          f"total_steps={total_steps}")
     if not 0.0 <= min_lr <= max_lr:
         raise ValueError(f"need 0 <= min_lr <= max_lr, got min_lr={min_lr}, max_lr={max_lr}")
+    # exercise: warmup_cosine
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     if step >= total_steps:
         return min_lr
     progress = (step - warmup_steps) / (total_steps - warmup_steps)  # in [0, 1)
     return min_lr + (max_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    # end exercise: warmup_cosine
 
 
 class PlateauScheduler:

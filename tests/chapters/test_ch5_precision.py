@@ -85,23 +85,6 @@ def test_static_scale_too_large_overflows(model_and_batch):
     assert row["fp16_static_scale"]["nonfinite_fraction"] > 0  # x 2^30 pushes gradients past 65504
 
 
-def test_dynamic_scaler_skips_and_halves_then_grows():
-    p = torch.nn.Parameter(torch.zeros(3))
-    s = P.DynamicLossScaler(init_scale=8.0, growth_interval=2)
-    assert float(s.scale(torch.tensor(1.5))) == 12.0
-    p.grad = torch.tensor([8.0, float("inf"), 0.0])
-    ok = s.unscale_([p])
-    assert not ok
-    s.update(ok)
-    assert (s.scale_value, s.skipped) == (4.0, 1)
-    for _ in range(2):
-        p.grad = torch.tensor([4.0, 8.0, 0.0])
-        ok = s.unscale_([p])
-        assert ok and torch.equal(p.grad, torch.tensor([1.0, 2.0, 0.0]))
-        s.update(ok)
-    assert s.scale_value == 8.0  # two good steps -> doubled
-
-
 def test_main_smoke(smoke_data_dir, tmp_path):
     s = P.main(["--smoke", "--data-dir", smoke_data_dir, "--out", str(tmp_path)])
     by_e = {r["e"]: r for r in s["underflow"]}
