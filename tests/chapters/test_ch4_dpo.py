@@ -3,8 +3,8 @@ LoRA with the adapters-off reference runs; --pairs principles trains on AI feedb
 val pairs and test prompts; --beta 0 is a usage error (exit 2); a malformed --train-file or --principles file
 is named by file:line.
 
-The SFT model is made once per module by ch3_sft's main in-process (small sizes, from the session's smoke
-pretrained checkpoint) and passed with --sft, so nothing else is rebuilt.
+The SFT model is made once per session (the ``sft_model`` fixture of tests/chapters/conftest.py: ch3_sft's
+main in-process, small sizes, from the session's smoke pretrained checkpoint) and passed with --sft, so nothing else is rebuilt.
 """
 import json
 import math
@@ -13,22 +13,12 @@ import pytest
 
 from minilife import runs
 from minilife.artifacts import load_pretrained
-from minilife.chapters import ch3_sft
 from minilife.chapters import ch4_dpo as D
 from minilife.common import read_jsonl
 from minilife.align.constitution import load_principles
 from minilife.data.preferences import read_preferences, write_preferences
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def sft_model(smoke_data_dir, smoke_pretrained, tmp_path_factory):
-    out = tmp_path_factory.mktemp("dpo_sft")
-    s = ch3_sft.main(["--smoke", "--n-train", "40", "--n-val", "15", "--n-test", "8", "--data-dir", smoke_data_dir,
-                      "--pretrained", smoke_pretrained, "--out", str(out), "--no-generate", "--no-base-eval",
-                      "--no-plots"])
-    return s["model"]
 
 
 @pytest.fixture(scope="module")

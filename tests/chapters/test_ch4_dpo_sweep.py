@@ -9,20 +9,10 @@ import json
 
 import pytest
 
-from minilife.chapters import ch3_sft
 from minilife.chapters import ch4_dpo as D
 from minilife.chapters import ch4_dpo_sweep as W
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def sft_model(smoke_data_dir, smoke_pretrained, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sweep_sft")
-    s = ch3_sft.main(["--smoke", "--n-train", "40", "--n-val", "15", "--n-test", "8", "--data-dir", smoke_data_dir,
-                      "--pretrained", smoke_pretrained, "--out", str(out), "--no-generate", "--no-base-eval",
-                      "--no-plots"])
-    return s["model"]
 
 
 @pytest.fixture

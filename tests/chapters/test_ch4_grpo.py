@@ -4,8 +4,8 @@ error naming the flag; a tiny --max-kl stops the run naming the cause and saves 
 policy; NaN weights stop it before any save, and resuming from the last good checkpoint repeats the
 uninterrupted run; the reward-model path runs and draws PPO vs GRPO from a ch4_ppo-shaped run.
 
-The SFT model is made once per module by ch3_sft's main in-process (small sizes, from the session's smoke
-pretrained checkpoint) and passed with --sft, so nothing else is rebuilt.
+The SFT model is made once per session (the ``sft_model`` fixture of tests/chapters/conftest.py: ch3_sft's
+main in-process, small sizes, from the session's smoke pretrained checkpoint) and passed with --sft, so nothing else is rebuilt.
 """
 import json
 import math
@@ -16,7 +16,6 @@ import torch
 from minilife import runs
 from minilife.align.reward import RewardModel, save_reward_model
 from minilife.artifacts import load_pretrained
-from minilife.chapters import ch3_sft
 from minilife.chapters import ch4_grpo as G
 from minilife.checkpoint import NonFiniteLossError, read_checkpoint
 from minilife.common import read_jsonl, write_jsonl_atomic
@@ -24,15 +23,6 @@ from minilife.common import read_jsonl, write_jsonl_atomic
 pytestmark = pytest.mark.usefixtures("one_thread")
 STABLE = ("step", "samples", "opt_steps", "reward", "gold", "exact", "format_ok", "kl", "entropy", "clip_frac",
           "approx_kl", "response_len", "ended", "zero_std_groups", "loss", "grad_norm")
-
-
-@pytest.fixture(scope="module")
-def sft_model(smoke_data_dir, smoke_pretrained, tmp_path_factory):
-    out = tmp_path_factory.mktemp("grpo_sft")
-    s = ch3_sft.main(["--smoke", "--n-train", "40", "--n-val", "15", "--n-test", "8", "--data-dir", smoke_data_dir,
-                      "--pretrained", smoke_pretrained, "--out", str(out), "--no-generate", "--no-base-eval",
-                      "--no-plots"])
-    return s["model"]
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ model.pt; the KL at the first rollout is 0 (policy = reference) and both runs st
 stops with an error naming that checkpoint; a reward model with another tokenizer is a usage error before
 any training; LoRA with the adaptive KL controller runs; --help and bad flags.
 
-The SFT model is made once per module by ch3_sft's main in-process (small sizes, from the session's smoke
-pretrained checkpoint); the reward models are built here from it (a random head: these tests are about the
+The SFT model is made once per session (the ``sft_model`` fixture of tests/chapters/conftest.py: ch3_sft's
+main in-process, small sizes, from the session's smoke pretrained checkpoint); the reward models are built here from it (a random head: these tests are about the
 loop's plumbing, not about what it learns) and passed with --sft / --reward, so nothing else is rebuilt.
 """
 import json
@@ -18,21 +18,11 @@ from minilife import runs
 from minilife.align.policy import PolicyWithValue
 from minilife.align.reward import RewardModel, save_reward_model
 from minilife.artifacts import load_pretrained
-from minilife.chapters import ch3_sft
 from minilife.chapters import ch4_ppo as P
 from minilife.checkpoint import NonFiniteLossError, load_checkpoint, verify_checkpoint
 from minilife.common import read_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def sft_model(smoke_data_dir, smoke_pretrained, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ppo_sft")
-    s = ch3_sft.main(["--smoke", "--n-train", "40", "--n-val", "15", "--n-test", "8", "--data-dir", smoke_data_dir,
-                      "--pretrained", smoke_pretrained, "--out", str(out), "--no-generate", "--no-base-eval",
-                      "--no-plots"])
-    return s["model"]
 
 
 def _reward_file(path, gpt_path, extra):

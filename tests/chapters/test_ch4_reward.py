@@ -2,8 +2,8 @@
 reading the same reward on padded and unpadded rows; LoRA and a frozen trunk run; resume of a cut run
 matches the straight run; a malformed --train-file names file:line; contradictory flags are usage errors.
 
-The SFT model is made once per module by ch3_sft's main in-process (small sizes, from the session's smoke
-pretrained checkpoint) and passed with --sft.
+The SFT model is made once per session (the ``sft_model`` fixture of tests/chapters/conftest.py: ch3_sft's
+main in-process, small sizes, from the session's smoke pretrained checkpoint) and passed with --sft.
 """
 import json
 import math
@@ -16,7 +16,6 @@ from minilife import runs
 from minilife.align.chat import chat_token_ids, render_prompt
 from minilife.align.reward import RewardModel, load_reward_model
 from minilife.artifacts import load_pretrained
-from minilife.chapters import ch3_sft
 from minilife.chapters import ch4_reward as R
 from minilife.checkpoint import read_checkpoint
 from minilife.common import read_jsonl
@@ -26,15 +25,6 @@ from minilife.runs import RunInterrupted
 pytestmark = pytest.mark.usefixtures("one_thread")
 KEYS = ("val_loss", "val_accuracy", "val_margin", "test_loss", "test_accuracy", "test_margin", "gold_pairs",
         "gold_agreement", "gold_spearman", "gold_pearson")
-
-
-@pytest.fixture(scope="module")
-def sft_model(smoke_data_dir, smoke_pretrained, tmp_path_factory):
-    out = tmp_path_factory.mktemp("reward_sft")
-    s = ch3_sft.main(["--smoke", "--n-train", "40", "--n-val", "15", "--n-test", "8", "--data-dir", smoke_data_dir,
-                      "--pretrained", smoke_pretrained, "--out", str(out), "--no-generate", "--no-base-eval",
-                      "--no-plots"])
-    return s["model"]
 
 
 @pytest.fixture(scope="module")
