@@ -182,6 +182,23 @@ def check_flags(cfg: Any, *, at_least: Mapping[str, float] | None = None, above:
             raise ValueError(f"{flag(name)} {v!r}: choose one of {sorted(allowed)}")
 
 
+
+def parse_weights(text: str, names: Sequence[str], flag: str, what: str) -> dict[str, float]:
+    """'a=2,b=0.5' -> {'a': 2.0, 'b': 0.5}, each name one of ``names`` and each value a finite number >= 0;
+    a ValueError starting with ``flag`` otherwise (``what`` names one entry in it: "task", "term")."""
+    weights: dict[str, float] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, _, value = (x.strip() for x in item.partition("="))
+        if name not in names:
+            raise ValueError(f"{flag}: unknown {what} {name!r}; {what}s are {', '.join(names)}")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ValueError(f"{flag}: {item!r} is not {what}=number") from None
+        if not 0 <= weights[name] < float("inf"):
+            raise ValueError(f"{flag}: {name} must be >= 0 and finite, got {value}")
+    return weights
+
 def start_run(chapter: str, cfg: Any) -> tuple[Path, torch.device]:
     """What every chapter does first: set ``--threads``, seed every RNG from ``cfg.seed``, pick the
     device and create the output dir. Returns (output dir, device)."""

@@ -151,3 +151,14 @@ def test_plot_lines_writes_png(tmp_path):
     path = plot_lines(tmp_path / "p.png", {"loss": ([0, 1, 2], [3.0, 2.0, 1.5])},
                       points={"measured": ([1], [2.1])}, hlines={"baseline": 2.5}, logy=True)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_parse_weights_reads_name_number_pairs_and_names_the_flag_in_errors():
+    from minilife.common import parse_weights
+    assert parse_weights(" a=2, b=0.5,", ("a", "b", "c"), "--w", "task") == {"a": 2.0, "b": 0.5}
+    assert parse_weights("", ("a",), "--w", "task") == {}
+    for bad, why in (("z=1", "--w: unknown task 'z'; tasks are a, b"), ("a=lots", "--w: 'a=lots' is not task=number"),
+                     ("a=-1", "--w: a must be >= 0"), ("a=inf", "--w: a must be >= 0"), ("a=nan", "--w: a must be >= 0")):
+        with pytest.raises(ValueError) as e:
+            parse_weights(bad, ("a", "b"), "--w", "task")
+        assert why in str(e.value)

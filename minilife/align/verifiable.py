@@ -32,6 +32,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from minilife.common import parse_weights
 from minilife.data.shadowing import ALL_TASKS
 from minilife.data.shadowing_checks import Check, check
 
@@ -44,17 +45,7 @@ DEFAULT_TERMS = {"score": 1.0}  # the checker's graded score: a reward in [0, 1]
 def parse_reward_terms(text: str, flag: str = "--reward-terms") -> dict[str, float]:
     """'score=1,format=0.1' -> {'score': 1.0, 'format': 0.1}; a ValueError starting with ``flag`` for an
     unknown term, a value that is not a number >= 0, or weights that are all zero."""
-    weights: dict[str, float] = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        name, _, value = (x.strip() for x in item.partition("="))
-        if name not in REWARD_TERMS:
-            raise ValueError(f"{flag}: unknown term {name!r}; terms are {', '.join(REWARD_TERMS)}")
-        try:
-            weights[name] = float(value)
-        except ValueError:
-            raise ValueError(f"{flag}: {item!r} is not term=number") from None
-        if not 0 <= weights[name] < float("inf"):
-            raise ValueError(f"{flag}: {name} must be a finite number >= 0, got {value}")
+    weights = parse_weights(text, REWARD_TERMS, flag, "term")
     if not any(weights.values()):
         raise ValueError(f"{flag}: {text!r} gives every term weight 0 (or none); e.g. score=1")
     return weights

@@ -36,7 +36,7 @@ from typing import Iterable
 
 import torch
 
-from minilife.common import read_jsonl, write_jsonl_atomic
+from minilife.common import parse_weights, read_jsonl, write_jsonl_atomic
 from minilife.data.company import Company, Person
 from minilife.data.correspondence import CUSTOMERS, Email, email
 from minilife.data.documents import ISSUES, POLICY_QUESTIONS, POLICY_RULES
@@ -320,16 +320,5 @@ def load_jsonl(path: str | Path) -> list[Example]:
 
 def parse_task_weights(text: str, flag: str = "task weights") -> dict[str, float]:
     """'summary=2,refuse=0.5' -> {'summary': 2.0, 'refuse': 0.5} (multi-task sampling weights); task names
-    and values (>= 0) are checked, errors start with ``flag``."""
-    weights = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        name, _, value = (x.strip() for x in item.partition("="))
-        if name not in ALL_TASKS:
-            raise ValueError(f"{flag}: unknown task {name!r}; tasks are {', '.join(ALL_TASKS)}")
-        try:
-            weights[name] = float(value)
-        except ValueError:
-            raise ValueError(f"{flag}: {item!r} is not task=number") from None
-        if not weights[name] >= 0:
-            raise ValueError(f"{flag}: {name} must be >= 0, got {value}")
-    return weights
+    and values (finite, >= 0) are checked, errors start with ``flag``."""
+    return parse_weights(text, ALL_TASKS, flag, "task")

@@ -4,12 +4,10 @@ answers never hold the stop token; prompts at the end of the context get a short
 import pytest
 import torch
 
-from minilife.align.chat import add_chat_tokens, chat_token_ids, render_prompt
+from minilife.align.chat import chat_token_ids, render_prompt
 from minilife.align.respond import respond, score_answers
-from minilife.data.bpe_train import train_bpe
 from minilife.data.shadowing import make_shadowing_set, score_responses
 from minilife.model.finetune import apply_method, export_model
-from minilife.model.transformer import GPT, ModelConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -17,22 +15,9 @@ MAX_NEW = 12
 
 
 @pytest.fixture(scope="module")
-def chat():
-    """(micro GPT with the chat tokens, chat tokenizer). Weights 2.5x the init scale, so answers depend on
-    the prompt; untied, so the <|end|> head row can be set alone: 1.5 x the row of a token greedy decoding
-    picks now and then, so <|end|> wins where that token would have and answers stop at different lengths."""
-    tok = train_bpe(300, text=["From: Ada to Bob about the launch plan and the budget. Meeting on Monday at "
-                                "noon, bring the notes."] * 8)
-    torch.manual_seed(0)
-    model = GPT(ModelConfig.preset("micro", vocab_size=tok.vocab_size, tie_embeddings=False)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(2.5)
-    model, tok = add_chat_tokens(model, tok)
-    with torch.no_grad():
-        model.lm_head.weight[chat_token_ids(tok).end] = 1.5 * model.lm_head.weight[201]
-    return model, tok
+def chat(micro_chat):
+    """(micro GPT with the chat tokens, chat tokenizer): tests/align/conftest.py's ``micro_chat``."""
+    return micro_chat()
 
 
 def content_of_length(tok, n_tokens):

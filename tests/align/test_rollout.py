@@ -12,10 +12,8 @@
 import pytest
 import torch
 
-from minilife.align.chat import add_chat_tokens, chat_token_ids, render_prompt
+from minilife.align.chat import chat_token_ids, render_prompt
 from minilife.align.rollout import Rollout, rollout_logprobs, sample_rollouts
-from minilife.data.bpe_train import train_bpe
-from minilife.model.transformer import GPT, ModelConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,24 +21,11 @@ MAX_NEW = 12
 
 
 @pytest.fixture(scope="module")
-def chat():
-    """(micro GPT with the chat tokens, chat tokenizer), built as in test_respond.py: weights 2.5x the init
-    scale, untied, the <|end|> head row 1.5x the row of a token greedy decoding picks now and then; here the
-    LM head is also scaled 8x, so sampled distributions are peaked (mean entropy ~2.5 nats, not the ~5.7 of
-    uniform) and sampled answers stop at <|end|> at varied lengths, or run to the cap."""
-    tok = train_bpe(300, text=["From: Ada to Bob about the launch plan and the budget. Meeting on Monday at "
-                                "noon, bring the notes."] * 8)
-    torch.manual_seed(0)
-    model = GPT(ModelConfig.preset("micro", vocab_size=tok.vocab_size, tie_embeddings=False)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(2.5)
-        model.lm_head.weight.mul_(8.0)
-    model, tok = add_chat_tokens(model, tok)
-    with torch.no_grad():
-        model.lm_head.weight[chat_token_ids(tok).end] = 1.5 * model.lm_head.weight[201]
-    return model, tok
+def chat(micro_chat):
+    """(micro GPT with the chat tokens, chat tokenizer): tests/align/conftest.py's ``micro_chat`` with the LM
+    head scaled 8x, so sampled distributions are peaked (mean entropy ~2.5 nats, not the ~5.7 of uniform)
+    and sampled answers stop at <|end|> at varied lengths, or run to the cap."""
+    return micro_chat(head_scale=8.0)
 
 
 @pytest.fixture(scope="module")
